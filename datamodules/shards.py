@@ -1,0 +1,174 @@
+"""Writing WebDataset shards and their ``info.json``.
+
+One home for the shard format of DESIGN.md, shared by ``scripts/make_shards.py`` and the embedded
+demo data sets. webdataset's ``TarWriter`` does the tar encoding; what it does not offer is
+written here: a fixed integer mtime (its default float mtime adds a PAX header to every member,
+which doubles small shards and slows reading), byte-identical output for identical input, and
+shards written under a temporary name and renamed when complete, so a crash never leaves a
+half-written shard that looks whole.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import webdataset as wds
+from PIL import Image
+
+INFO_FILE = "info.json"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+AUDIO_EXTS = ("wav", "flac")
+SPLITS = ("train", "val", "test")
+
+
+def encode_png(image: Image.Image | np.ndarray) -> bytes:
+    """PNG bytes of a PIL image or an ``[H, W]`` / ``[H, W, C]`` uint8 array (deterministic)."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def encode_wav(wave: np.ndarray, sample_rate: int, fmt: str = "wav") -> bytes:
+    """16-bit PCM WAV (or FLAC) bytes of a mono float waveform in [-1, 1] (clipped)."""
+    wave = np.clip(np.asarray(wave, dtype=np.float32), -1.0, 1.0)
+    buf = io.BytesIO()
+    sf.write(buf, wave, sample_rate, format=fmt.upper(), subtype="PCM_16")
+    return buf.getvalue()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class ShardSink:
+    """Writes samples of one split to ``{out}/{split}-%06d.tar``.
+
+    A new shard starts when the current one holds ``max_count`` samples or ``max_size`` bytes.
+    Each shard is written as ``.tar.tmp`` and renamed on completion. Samples are dicts with a
+    ``__key__`` and ``ext -> bytes | str`` members; members are written in sorted order with
+    ``mtime`` (an int), so the same samples give the same bytes.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        split: str,
+        max_count: int = 10_000,
+        max_size: float = 1e9,
+        mtime: int = 0,
+    ) -> None:
+        if max_count < 1:
+            raise ValueError(f"max_count must be >= 1, got {max_count}")
+        if max_size <= 0:
+            raise ValueError(f"max_size must be > 0, got {max_size}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.split = split
+        self.max_count = max_count
+        self.max_size = max_size
+        self.mtime = int(mtime)
+        self.count = 0
+        self.shards: list[str] = []
+        self._writer: wds.TarWriter | None = None
+        self._stream = None
+        self._shard_count = 0
+        self._shard_size = 0
+
+    def _open(self) -> None:
+        name = f"{self.split}-{len(self.shards):06d}.tar"
+        self._tmp = self.out_dir / (name + ".tmp")
+        self._final = self.out_dir / name
+        self._stream = open(self._tmp, "wb")
+        self._writer = wds.TarWriter(self._stream, encoder=False, mtime=self.mtime, user="", group="")
+        self._shard_count = 0
+        self._shard_size = 0
+
+    def _finish(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()  # closes the stream too
+        os.replace(self._tmp, self._final)
+        self.shards.append(self._final.name)
+        self._writer = None
+
+    def write(self, sample: dict[str, Any]) -> None:
+        if "__key__" not in sample:
+            raise ValueError("a sample needs a '__key__'")
+        if self._writer is not None and (
+            self._shard_count >= self.max_count or self._shard_size >= self.max_size
+        ):
+            self._finish()
+        if self._writer is None:
+            self._open()
+        encoded = {k: (v.encode("utf-8") if isinstance(v, str) else v) for k, v in sample.items() if k != "__key__"}
+        encoded["__key__"] = sample["__key__"]
+        self._shard_size += self._writer.write(encoded)
+        self._shard_count += 1
+        self.count += 1
+
+    def close(self) -> list[str]:
+        """Finish the last shard; returns the shard file names written, in order."""
+        self._finish()
+        return list(self.shards)
+
+    def __enter__(self) -> ShardSink:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._writer is not None:  # leave no half shard behind
+            self._writer.close()
+            self._tmp.unlink(missing_ok=True)
+            self._writer = None
+
+
+def write_info(out_dir: str | os.PathLike, info: dict[str, Any]) -> Path:
+    """Atomically write ``info.json``. Expected keys (see :func:`make_info`)."""
+    path = Path(out_dir) / INFO_FILE
+    atomic_write_text(path, json.dumps(info, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def make_info(
+    splits: dict[str, dict[str, Any]],
+    modalities: list[str],
+    classes: list[str] | None = None,
+    sample_rate: int | None = None,
+    source: str = "",
+    **extra: Any,
+) -> dict[str, Any]:
+    """The ``info.json`` schema.
+
+    ``splits``: ``{split: {"count": int, "shards": [file names]}}``; ``modalities``: a subset of
+    ``image, audio, text, label``; ``classes``: class names indexed by label; ``sample_rate``:
+    audio rate in Hz when audio is present; ``source``: free text saying where the data came from.
+    """
+    info: dict[str, Any] = {
+        "splits": splits,
+        "modalities": sorted(set(modalities)),
+        "classes": list(classes) if classes else [],
+        "sample_rate": sample_rate,
+        "source": source,
+    }
+    info.update(extra)
+    return info
+
+
+def read_info(root: str | os.PathLike) -> dict[str, Any]:
+    path = Path(root) / INFO_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {INFO_FILE} in shard folder {root!s}")
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,36 @@
+"""Benchmarks, side by side with reference implementations.
+
+    python scripts/benchmark.py data        # WebDataModule vs bare webdataset vs ImageFolder
+    python scripts/benchmark.py quantizer   # VectorQuantizer vs vector-quantize-pytorch
+
+Each subcommand lives in ``scripts/benchmarks/<name>.py`` and exposes ``add_arguments(parser)``
+and ``run(args)``. Numbers are printed, never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import benchmarks
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="bench", required=True)
+    for info in sorted(pkgutil.iter_modules(benchmarks.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"benchmarks.{info.name}")
+        p = sub.add_parser(info.name, help=(module.__doc__ or "").strip().splitlines()[0])
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    args = parser.parse_args(argv)
+    args._run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Benchmark subcommands of scripts/benchmark.py, one module each."""
