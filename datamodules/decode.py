@@ -1,0 +1,152 @@
+"""Per-sample decoding and batch collation: shard members -> the batch dict of DESIGN.md.
+
+    image        float [B, C, H, W] in [-1, 1]
+    audio        float [B, T] mono at the configured rate; audio_lengths long [B]
+    text         list[str]; text_ids long [B, L] (BOS ... EOS, right-padded with pad id); text_lengths long [B]
+    label        long [B]
+    __key__      list[str]
+
+A sample that cannot be decoded raises :class:`BadSample` with a reason; the pipeline in
+``webdata.py`` turns that into a counted, logged skip.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+from PIL import Image
+
+from .shards import AUDIO_EXTS, IMAGE_EXTS
+
+MODALITIES = ("image", "audio", "text", "label")
+
+
+class BadSample(Exception):
+    """A sample that must be skipped; ``reason`` is a short counter name."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def read_audio(data: bytes | str, sample_rate: int) -> np.ndarray:
+    """Decode wav/flac bytes (or a path) to mono float32 at ``sample_rate`` (soxr resampling)."""
+    wave, sr = sf.read(io.BytesIO(data) if isinstance(data, bytes) else data, dtype="float32", always_2d=True)
+    wave = wave.mean(axis=1)
+    if sr != sample_rate and len(wave) > 0:
+        wave = soxr.resample(wave, sr, sample_rate, quality="HQ").astype(np.float32)
+    return wave
+
+
+def image_to_tensor(image: Image.Image, size: int, channels: int) -> torch.Tensor:
+    """PIL image -> [C, size, size] in [-1, 1]: resize the short side (bicubic), center crop."""
+    image = image.convert("RGB" if channels == 3 else "L")
+    w, h = image.size
+    scale = size / min(w, h)
+    if (w, h) != (size, size):
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        image = image.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+@dataclass
+class SampleDecoder:
+    """Turns one raw WebDataset sample (``{"__key__", "png", "wav", "txt", "cls", ...}``) into tensors.
+
+    ``keys`` are the modalities to produce; a sample missing one of them is a bad sample.
+    Training crops audio to ``audio_max_samples`` at a random offset; evaluation keeps full length.
+    """
+
+    keys: tuple[str, ...]
+    image_size: int = 32
+    image_channels: int = 3
+    sample_rate: int = 16000
+    audio_max_samples: int | None = None
+    train: bool = False
+    num_classes: int | None = None
+    seed: int = 0
+    rng: random.Random = field(default_factory=random.Random, repr=False)
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"__key__": sample["__key__"]}
+        if "image" in self.keys:
+            data = _member(sample, IMAGE_EXTS, "image")
+            try:
+                with Image.open(io.BytesIO(data)) as image:
+                    out["image"] = image_to_tensor(image, self.image_size, self.image_channels)
+            except Exception as err:  # PIL raises many types for corrupt bytes
+                raise BadSample("corrupt_image", repr(err)) from err
+        if "audio" in self.keys:
+            data = _member(sample, AUDIO_EXTS, "audio")
+            try:
+                wave = read_audio(data, self.sample_rate)
+            except Exception as err:
+                raise BadSample("corrupt_audio", repr(err)) from err
+            if len(wave) == 0:
+                raise BadSample("empty_audio")
+            if not np.isfinite(wave).all():
+                raise BadSample("nonfinite_audio")
+            if self.train and self.audio_max_samples and len(wave) > self.audio_max_samples:
+                start = self.rng.randint(0, len(wave) - self.audio_max_samples)
+                wave = wave[start : start + self.audio_max_samples]
+            out["audio"] = torch.from_numpy(np.ascontiguousarray(wave))
+        if "text" in self.keys:
+            text = _member(sample, ("txt",), "text").decode("utf-8", errors="replace").strip()
+            if not text:
+                raise BadSample("empty_text")
+            out["text"] = text
+        if "label" in self.keys:
+            raw = _member(sample, ("cls",), "label")
+            try:
+                label = int(raw.decode("utf-8").strip())
+            except ValueError as err:
+                raise BadSample("bad_label", repr(raw[:20])) from err
+            if label < 0 or (self.num_classes is not None and label >= self.num_classes):
+                raise BadSample("unknown_label", f"{label} not in [0, {self.num_classes})")
+            out["label"] = label
+        return out
+
+
+def _member(sample: dict[str, Any], exts: tuple[str, ...], modality: str) -> bytes:
+    for ext in exts:
+        if ext in sample:
+            return sample[ext]
+    raise BadSample(f"missing_{modality}", f"no member with extension {'|'.join(exts)}")
+
+
+def pad_1d(seqs: list[torch.Tensor], value: float | int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad 1-D tensors to the longest: ``[B, T_max]`` and lengths ``[B]``."""
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    out = seqs[0].new_full((len(seqs), int(lengths.max())), value)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s
+    return out, lengths
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack decoded samples into the batch dict (text ids are added later by the tokenizer)."""
+    batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples]}
+    first = samples[0]
+    if "image" in first:
+        batch["image"] = torch.stack([s["image"] for s in samples])
+    if "audio" in first:
+        batch["audio"], batch["audio_lengths"] = pad_1d([s["audio"] for s in samples], 0.0)
+    if "text" in first:
+        batch["text"] = [s["text"] for s in samples]
+        if "text_ids" in first:
+            batch["text_ids"], batch["text_lengths"] = pad_1d([s["text_ids"] for s in samples], first["pad_id"])
+    if "label" in first:
+        batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+    return batch

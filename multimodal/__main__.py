@@ -1,0 +1,3 @@
+from multimodal.cli import main
+
+main()

@@ -1,0 +1,74 @@
+"""The ``lightning`` console script: a LightningCLI for every recipe in ``configs/``.
+
+    lightning fit --config configs/tokenizer.yaml [--data.root DIR] [--trainer.devices 2]
+    lightning test --config configs/tokenizer.yaml --ckpt_path runs/.../last.ckpt
+    lightning fit --config a.yaml --config b.yaml --print_config
+
+Model and data are ``class_path`` / ``init_args`` entries (any LightningModule / DataModule).
+Runs go under ``runs/`` (``--trainer.default_root_dir DIR`` moves them) with a TensorBoard
+logger; the resolved config is saved beside each run. ``test`` also writes the metrics to
+``test_metrics.json`` and ``test_metrics.md`` in the run's log folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+DEFAULT_ROOT = "runs"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def write_metrics_report(metrics: dict[str, Any], out_dir: str | os.PathLike, stem: str = "test_metrics") -> Path:
+    """Write ``{stem}.json`` and a Markdown table ``{stem}.md`` into ``out_dir``; returns the JSON path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plain = {k: _plain(v) for k, v in sorted(metrics.items())}
+    path = out_dir / f"{stem}.json"
+    path.write_text(json.dumps(plain, indent=2) + "\n", encoding="utf-8")
+    rows = ["| metric | value |", "| --- | --- |"]
+    rows += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in plain.items()]
+    (out_dir / f"{stem}.md").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+class MultimodalCLI(LightningCLI):
+    """LightningCLI with this project's defaults and a metrics report after ``test``."""
+
+    def after_test(self) -> None:
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        out_dir = trainer.log_dir or trainer.default_root_dir
+        path = write_metrics_report(trainer.callback_metrics, out_dir)
+        print(f"test metrics written to {path}")
+
+
+def main(args: list[str] | None = None, run: bool = True) -> MultimodalCLI:
+    """Entry point of ``lightning`` and ``python -m multimodal``."""
+    return MultimodalCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"default_root_dir": DEFAULT_ROOT},
+        parser_kwargs={"description": "Multimodal shared-codebook DiT framework (LightningCLI)."},
+        args=args,
+        run=run,
+    )
+
+
+if __name__ == "__main__":
+    main()

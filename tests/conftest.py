@@ -1,0 +1,67 @@
+"""Shared fixtures: small shard folders built from scratch (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datamodules.shards import ShardSink, encode_png, encode_wav, make_info, write_info
+
+WORDS = ["red", "green", "blue", "circle", "square", "small", "large", "left", "of", "a", "the"]
+
+
+def build_shards(
+    out: Path,
+    counts: dict[str, int] | None = None,
+    per_shard: int = 5,
+    sample_rate: int = 16000,
+    num_classes: int = 3,
+    seed: int = 0,
+    bad: dict[str, list[int]] | None = None,
+) -> Path:
+    """Shards with png (16x16 RGB), wav (0.1-0.5 s), txt and cls per sample.
+
+    ``bad`` maps a kind (``image``, ``audio``, ``text``, ``label``) to train indices to corrupt.
+    """
+    counts = counts or {"train": 20, "val": 12, "test": 8}
+    bad = bad or {}
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, n in counts.items():
+        with ShardSink(out, split, max_count=per_shard) as sink:
+            for i in range(n):
+                label = int(rng.integers(num_classes))
+                image = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+                wave = 0.3 * np.sin(np.arange(int(sample_rate * rng.uniform(0.1, 0.5))) * 0.05 * (label + 1))
+                text = " ".join(rng.choice(WORDS, size=int(rng.integers(2, 7))))
+                sample = {
+                    "__key__": f"{split}{i:05d}",
+                    "png": encode_png(image),
+                    "wav": encode_wav(wave, sample_rate),
+                    "txt": text,
+                    "cls": str(label),
+                }
+                if split == "train":
+                    if i in bad.get("image", []):
+                        sample["png"] = b"\x89PNG not really"
+                    if i in bad.get("audio", []):
+                        sample["wav"] = sample["wav"][:30]
+                    if i in bad.get("text", []):
+                        sample["txt"] = "   "
+                    if i in bad.get("label", []):
+                        sample["cls"] = str(num_classes + 5)
+                sink.write(sample)
+        splits[split] = {"count": n, "shards": sink.shards}
+    write_info(
+        out,
+        make_info(splits, ["image", "audio", "text", "label"], classes=[f"c{k}" for k in range(num_classes)],
+                  sample_rate=sample_rate, source="tests"),
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_shards(tmp_path_factory.mktemp("shards"))

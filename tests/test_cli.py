@@ -1,0 +1,65 @@
+"""The ``lightning`` console script (a LightningCLI): config printing, fit, test report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from multimodal.cli import main
+
+
+def _base(root: Path, run_dir: Path) -> list[str]:
+    return [
+        "--model=tests.cli_model.TinyClassifier",
+        "--model.num_classes=3",
+        "--data=datamodules.WebDataModule",
+        f"--data.root={root}",
+        "--data.keys=[image, label]",
+        "--data.batch_size=4",
+        f"--trainer.default_root_dir={run_dir}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+
+
+def test_print_config(shard_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *_base(shard_dir, tmp_path), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "class_path: tests.cli_model.TinyClassifier" in out
+    assert "class_path: datamodules.WebDataModule" in out and f"root: {shard_dir}" in out
+
+
+def test_fit_two_steps_then_test_writes_report(shard_dir: Path, tmp_path: Path) -> None:
+    main(["fit", *_base(shard_dir, tmp_path), "--trainer.max_steps=2", "--trainer.limit_val_batches=1"])
+    version = tmp_path / "lightning_logs" / "version_0"
+    assert (version / "config.yaml").is_file()
+    assert list(version.glob("events.out.tfevents.*"))
+    ckpts = list((version / "checkpoints").glob("*.ckpt"))
+    assert len(ckpts) == 1 and "step=2" in ckpts[0].name
+    main(["test", *_base(shard_dir, tmp_path), f"--ckpt_path={ckpts[0]}"])
+    reports = list(tmp_path.glob("lightning_logs/version_*/test_metrics.json"))
+    assert len(reports) == 1
+    metrics = json.loads(reports[0].read_text())
+    assert {"test/loss", "test/acc", "test/skipped"} <= set(metrics)
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    assert (reports[0].parent / "test_metrics.md").read_text().startswith("| metric | value |")
+
+
+def test_console_script_and_module_entry_point() -> None:
+    exe = Path(sys.executable).parent / "lightning"
+    for cmd in ([str(exe), "fit", "--help"], [sys.executable, "-m", "multimodal", "fit", "--help"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "--trainer.max_steps" in proc.stdout and "--config" in proc.stdout
+
+
+def test_bad_config_fails_at_start(shard_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *_base(shard_dir, tmp_path), "--data.no_such_option=1"])
+    assert exit_info.value.code != 0
