@@ -13,11 +13,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import soundfile as sf
+import soxr
 import webdataset as wds
 from PIL import Image
 
@@ -172,3 +174,86 @@ def read_info(root: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no {INFO_FILE} in shard folder {root!s}")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------------------------- audio
+AUDIO_READ_EXTS = ("wav", "flac", "ogg", "oga", "opus", "mp3", "aif", "aiff", "aifc", "au", "w64", "caf")
+"""File extensions :func:`read_audio` accepts as input (whatever libsndfile decodes)."""
+
+
+class AudioDecodeError(ValueError):
+    """An audio clip that cannot be used; ``reason`` is a short tag (``truncated_audio``, ``empty_audio``, ...)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.detail = message
+
+
+def wav_truncation(data: bytes) -> str | None:
+    """Why a RIFF/WAVE byte string is incomplete, or ``None`` when it is whole (or not a WAV).
+
+    libsndfile silently shortens a WAV whose ``data`` chunk holds fewer bytes than its header
+    declares; this walks the chunks and reports that case. Streamed WAVs (size ``0xFFFFFFFF``)
+    and RF64 files are not checked.
+    """
+    if len(data) < 12 or data[8:12] != b"WAVE" or data[:4] not in (b"RIFF", b"RIFX"):
+        return None
+    fmt = "<I" if data[:4] == b"RIFF" else ">I"
+    pos = 12
+    while pos + 8 <= len(data):
+        chunk_id = data[pos : pos + 4]
+        (size,) = struct.unpack(fmt, data[pos + 4 : pos + 8])
+        if chunk_id == b"data":
+            available = len(data) - pos - 8
+            if size != 0xFFFFFFFF and available < size:
+                return f"data chunk holds {available} of {size} bytes"
+            return None
+        pos += 8 + size + (size & 1)
+    return "no data chunk"
+
+
+def to_mono(wave: np.ndarray) -> np.ndarray:
+    """Average the channels of a ``[T, C]`` array (a ``[T]`` array is returned as is), float32."""
+    wave = np.asarray(wave, dtype=np.float32)
+    return wave.mean(axis=1, dtype=np.float32) if wave.ndim == 2 else wave
+
+
+def resample(wave: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
+    """Resample a mono float waveform with soxr (high quality); a no-op when the rates match."""
+    wave = np.asarray(wave, dtype=np.float32)
+    if int(orig_rate) == int(target_rate) or wave.size == 0:
+        return wave
+    out = soxr.resample(wave, int(orig_rate), int(target_rate), quality="HQ")
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def read_audio(source: str | os.PathLike | bytes, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
+    """Decode an audio file or its bytes to a mono float32 waveform, resampled to ``sample_rate``.
+
+    Returns ``(wave, rate)``. Raises :class:`AudioDecodeError` with reason ``undecodable_audio``,
+    ``truncated_audio`` (a WAV shorter than its header says, or fewer frames than declared),
+    ``empty_audio`` (no frames) or ``non_finite_audio`` (NaN/inf samples).
+    """
+    data = bytes(source) if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
+    why = wav_truncation(data)
+    if why is not None:
+        raise AudioDecodeError("truncated_audio", why)
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            declared, rate = f.frames, f.samplerate
+            wave = f.read(dtype="float32", always_2d=True)
+    except Exception as exc:  # libsndfile raises several types on garbage
+        raise AudioDecodeError("undecodable_audio", str(exc).strip() or type(exc).__name__) from exc
+    if len(wave) == 0:
+        raise AudioDecodeError("empty_audio", "no audio frames")
+    if 0 < declared < 2**62 and len(wave) < declared:
+        raise AudioDecodeError("truncated_audio", f"read {len(wave)} of {declared} frames")
+    wave = to_mono(wave)
+    if not np.isfinite(wave).all():
+        raise AudioDecodeError("non_finite_audio", "NaN or infinite samples")
+    if sample_rate is not None:
+        wave, rate = resample(wave, rate, sample_rate), int(sample_rate)
+        if len(wave) == 0:
+            raise AudioDecodeError("empty_audio", "no audio frames left after resampling")
+    return wave, int(rate)
