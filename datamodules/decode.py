@@ -18,12 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import soundfile as sf
-import soxr
 import torch
 from PIL import Image
 
-from .shards import AUDIO_EXTS, IMAGE_EXTS
+from .shards import AUDIO_EXTS, IMAGE_EXTS, AudioDecodeError, read_audio
 
 MODALITIES = ("image", "audio", "text", "label")
 
@@ -34,15 +32,6 @@ class BadSample(Exception):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
-
-
-def read_audio(data: bytes | str, sample_rate: int) -> np.ndarray:
-    """Decode wav/flac bytes (or a path) to mono float32 at ``sample_rate`` (soxr resampling)."""
-    wave, sr = sf.read(io.BytesIO(data) if isinstance(data, bytes) else data, dtype="float32", always_2d=True)
-    wave = wave.mean(axis=1)
-    if sr != sample_rate and len(wave) > 0:
-        wave = soxr.resample(wave, sr, sample_rate, quality="HQ").astype(np.float32)
-    return wave
 
 
 def image_to_tensor(image: Image.Image, size: int, channels: int) -> torch.Tensor:
@@ -91,13 +80,9 @@ class SampleDecoder:
         if "audio" in self.keys:
             data = _member(sample, AUDIO_EXTS, "audio")
             try:
-                wave = read_audio(data, self.sample_rate)
-            except Exception as err:
-                raise BadSample("corrupt_audio", repr(err)) from err
-            if len(wave) == 0:
-                raise BadSample("empty_audio")
-            if not np.isfinite(wave).all():
-                raise BadSample("nonfinite_audio")
+                wave, _ = read_audio(data, self.sample_rate)
+            except AudioDecodeError as err:
+                raise BadSample(err.reason, err.detail) from err
             if self.train and self.audio_max_samples and len(wave) > self.audio_max_samples:
                 start = self.rng.randint(0, len(wave) - self.audio_max_samples)
                 wave = wave[start : start + self.audio_max_samples]

@@ -116,7 +116,10 @@ class ShardSink:
             self._open()
         encoded = {k: (v.encode("utf-8") if isinstance(v, str) else v) for k, v in sample.items() if k != "__key__"}
         encoded["__key__"] = sample["__key__"]
-        self._shard_size += self._writer.write(encoded)
+        payload = self._writer.write(encoded)
+        members = len(encoded) - 1
+        # tar: a 512-byte header per member, contents padded to 512-byte blocks
+        self._shard_size += payload + members * 512 + sum(-len(v) % 512 for k, v in encoded.items() if k != "__key__")
         self._shard_count += 1
         self.count += 1
 

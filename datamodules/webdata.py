@@ -23,6 +23,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -255,7 +256,9 @@ class WebDataModule(L.LightningDataModule):
                 raise ValueError(f"data.{name} must be positive, got {value}")
         if image_channels not in (1, 3):
             raise ValueError(f"data.image_channels must be 1 or 3, got {image_channels}")
-        self.save_hyperparameters(logger=False)
+        # the settings, read by the hooks (save_hyperparameters is unreliable for DataModules built
+        # inside another DataModule by the CLI)
+        self.cfg = SimpleNamespace(**{k: v for k, v in locals().items() if k not in ('self', '__class__')})
         self.root, self.demo, self._keys = root, demo, keys
         self.urls = {"train": train_urls, val_split: val_urls, test_split: test_urls}
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -271,7 +274,7 @@ class WebDataModule(L.LightningDataModule):
         if self.demo is not None and self.root is None:
             from .demo import demo_root
 
-            self.root = str(demo_root(self.demo, self.hparams.cache_dir, seed=0, size=self.hparams.demo_size))
+            self.root = str(demo_root(self.demo, self.cfg.cache_dir, seed=0, size=self.cfg.demo_size))
         return Path(self.root) if self.root is not None else None
 
     @property
@@ -319,10 +322,10 @@ class WebDataModule(L.LightningDataModule):
 
     @property
     def tokenizer_file(self) -> Path | None:
-        if self.hparams.tokenizer_path:
-            return Path(self.hparams.tokenizer_path)
+        if self.cfg.tokenizer_path:
+            return Path(self.cfg.tokenizer_path)
         if self.data_dir is not None:
-            return self.data_dir / f"spm-{self.hparams.vocab_size}.model"
+            return self.data_dir / f"spm-{self.cfg.vocab_size}.model"
         return None
 
     # ----------------------------------------------------------------- Lightning hooks
@@ -330,10 +333,10 @@ class WebDataModule(L.LightningDataModule):
         """Generate the demo set if asked for; train the text tokenizer if text is used and none exists."""
         _ = self.data_dir
         if "text" in self.keys and self.tokenizer_file is not None and not self.tokenizer_file.exists():
-            if self.hparams.tokenizer_path:
-                raise FileNotFoundError(f"data.tokenizer_path does not exist: {self.hparams.tokenizer_path}")
+            if self.cfg.tokenizer_path:
+                raise FileNotFoundError(f"data.tokenizer_path does not exist: {self.cfg.tokenizer_path}")
             texts = _read_texts(self.split_urls("train"))
-            train_sentencepiece(texts, self.tokenizer_file, vocab_size=self.hparams.vocab_size)
+            train_sentencepiece(texts, self.tokenizer_file, vocab_size=self.cfg.vocab_size)
 
     def setup(self, stage: str | None = None) -> None:
         if self.trainer is not None:
@@ -343,7 +346,7 @@ class WebDataModule(L.LightningDataModule):
                 raise ValueError("text is loaded from URLs only: set data.tokenizer_path to a sentencepiece model")
             if not self.tokenizer_file.exists():
                 self.prepare_data()  # used outside a Trainer
-            self.tokenizer = TextTokenizer(self.tokenizer_file, self.hparams.text_max_length)
+            self.tokenizer = TextTokenizer(self.tokenizer_file, self.cfg.text_max_length)
 
     def set_distributed(self, rank: int, world_size: int) -> None:
         """Override rank and world size (the Trainer's are used otherwise)."""
@@ -354,7 +357,7 @@ class WebDataModule(L.LightningDataModule):
         return self.tokenizer.vocab_size if self.tokenizer is not None else None
 
     def _decoder(self, train: bool) -> SampleDecoder:
-        hp = self.hparams
+        hp = self.cfg
         max_samples = int(hp.audio_max_seconds * hp.sample_rate) if hp.audio_max_seconds else None
         return SampleDecoder(
             keys=self.keys, image_size=hp.image_size, image_channels=hp.image_channels,
@@ -368,7 +371,7 @@ class WebDataModule(L.LightningDataModule):
         urls = self.split_urls(split)
         batches = None
         if train:
-            total = self.hparams.samples_per_epoch or self.info["splits"].get("train", {}).get("count")
+            total = self.cfg.samples_per_epoch or self.info["splits"].get("train", {}).get("count")
             if not total:
                 raise ValueError("data.samples_per_epoch is required when training from URLs without info.json")
             batches = total // (self._world_size * self.batch_size)
@@ -387,8 +390,8 @@ class WebDataModule(L.LightningDataModule):
                 )
         return ShardStream(
             urls, self._decoder(train), self.batch_size if train else self.eval_batch_size, train,
-            tokenizer=self.tokenizer, batches_per_rank=batches, shuffle_buffer=self.hparams.shuffle_buffer,
-            seed=self.hparams.seed, rank=self._rank, world_size=self._world_size,
+            tokenizer=self.tokenizer, batches_per_rank=batches, shuffle_buffer=self.cfg.shuffle_buffer,
+            seed=self.cfg.seed, rank=self._rank, world_size=self._world_size,
         )
 
     def _loader(self, split: str, train: bool) -> ShardLoader:
@@ -398,13 +401,13 @@ class WebDataModule(L.LightningDataModule):
         return self._loader("train", train=True)
 
     def val_dataloader(self) -> ShardLoader:
-        return self._loader(self.hparams.val_split, train=False)
+        return self._loader(self.cfg.val_split, train=False)
 
     def test_dataloader(self) -> ShardLoader:
-        return self._loader(self.hparams.test_split, train=False)
+        return self._loader(self.cfg.test_split, train=False)
 
     def predict_dataloader(self) -> ShardLoader:
-        return self._loader(self.hparams.predict_split, train=False)
+        return self._loader(self.cfg.predict_split, train=False)
 
 
 def _read_texts(urls: list[str]) -> Iterator[str]:

@@ -74,7 +74,7 @@ def test_bad_samples_are_skipped_counted_and_logged(tmp_path: Path, caplog: pyte
     for b in batches:
         counts.update(b[COUNTS_KEY])
     keys = [k for b in batches for k in b["__key__"]]
-    assert counts == {"skipped/corrupt_image": 1, "skipped/corrupt_audio": 1, "skipped/unknown_label": 1}
+    assert counts == {"skipped/corrupt_image": 1, "skipped/truncated_audio": 1, "skipped/unknown_label": 1}
     assert sorted(keys) == [f"train{i:05d}" for i in range(10) if i not in (1, 2, 4)]
     assert "train00001" in caplog.text and "train-000000.tar" in caplog.text
 

@@ -1,0 +1,53 @@
+"""Load the shared backbone from a training checkpoint, to encode and decode with it.
+
+    backbone = load_backbone("runs/tokenizer/.../last.ckpt")
+    codes, lengths = backbone.encode_codes("image", images)     # [B, N] long
+    images = backbone.decode_codes("image", codes)               # [B, C, H, W] in [-1, 1]
+
+The checkpoint must come from a ``lightning fit`` run (the LightningCLI stores the model's
+configuration, ``class_path`` entries included, in ``hyper_parameters``). Loading uses
+``torch.load(weights_only=True)``: no pickled code is executed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from jsonargparse import ArgumentParser
+
+from .backbone import Backbone
+
+PREFIX = "backbone."
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def backbone_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The ``class_path`` configuration of the backbone stored in a checkpoint."""
+    config = checkpoint.get("hyper_parameters", {}).get("backbone")
+    if not isinstance(config, dict) or "class_path" not in config:
+        raise ValueError(
+            "checkpoint has no backbone configuration in hyper_parameters['backbone']: "
+            "it was not written by `lightning fit` with a tasks.MultiTaskModule model"
+        )
+    return config
+
+
+def build_backbone(config: dict[str, Any]) -> Backbone:
+    """Instantiate a backbone from its ``class_path`` / ``init_args`` configuration."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--backbone", type=Backbone)
+    return parser.instantiate_classes(parser.parse_object({"backbone": config})).backbone
+
+
+def load_backbone(path: str | os.PathLike, map_location: str | torch.device = "cpu", eval_mode: bool = True) -> Backbone:
+    """Build the backbone a checkpoint was trained with and load its weights (strictly)."""
+    checkpoint = read_checkpoint(path, map_location)
+    backbone = build_backbone(backbone_config(checkpoint))
+    state = {k[len(PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(PREFIX)}
+    backbone.load_state_dict(state, strict=True)
+    return backbone.eval() if eval_mode else backbone

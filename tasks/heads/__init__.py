@@ -1,0 +1,6 @@
+"""Task heads: small modules following the protocol in ``tasks.heads.base``."""
+
+from .base import Head
+from .reconstruction import ReconstructionHead
+
+__all__ = ["Head", "ReconstructionHead"]

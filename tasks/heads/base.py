@@ -1,0 +1,49 @@
+"""The head protocol: what every task head gives the one training loop (``tasks.MultiTaskModule``).
+
+A head is an ``nn.Module`` with
+
+* ``required_keys``: the batch keys it reads (checked against the data before the first step);
+* ``loss(backbone, batch, step) -> (loss, logs)``: the training loss and detached scalars to log;
+* ``build_metrics() -> MetricCollection``: fresh torchmetrics, one copy per stage (val/test);
+* ``evaluate(backbone, batch, metrics) -> logs``: update ``metrics`` on a validation/test batch;
+* ``predict(backbone, batch) -> list[dict]``: one JSON-able record per sample;
+* ``log_media(backbone, batch, experiment, step, tag)``: images/audio/text to TensorBoard (optional);
+* ``discriminator`` (None or a module) and ``discriminator_loss(backbone, step)`` for adversarial
+  heads, which the module trains with a second optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+
+from multimodal.backbone import Backbone
+
+
+class Head(nn.Module):
+    """Base class with the protocol's defaults; see the module docstring."""
+
+    required_keys: tuple[str, ...] = ()
+    discriminator: nn.Module | None = None
+
+    def loss(self, backbone: Backbone, batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def build_metrics(self) -> MetricCollection:
+        return MetricCollection({})
+
+    def evaluate(self, backbone: Backbone, batch: dict[str, Any], metrics: MetricCollection) -> dict[str, Tensor]:
+        loss, logs = self.loss(backbone, batch, step=-1)
+        return {"loss": loss.detach(), **logs}
+
+    def predict(self, backbone: Backbone, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"__key__": k} for k in batch["__key__"]]
+
+    def log_media(self, backbone: Backbone, batch: dict[str, Any], experiment: Any, step: int, tag: str) -> None:
+        """Write examples to a TensorBoard ``SummaryWriter``; default: nothing."""
+
+    def discriminator_loss(self, backbone: Backbone, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        return torch.zeros(()), {}

@@ -1,0 +1,33 @@
+"""Metrics torchmetrics does not have, written as torchmetrics ``Metric`` s (DDP-synchronised)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+
+class CodebookUsage(Metric):
+    """Codebook health over a whole split: which of the K codes were used, and how evenly.
+
+    ``update(codes [...] long, mask [...] bool | None)``; ``compute()`` returns
+    ``{"usage": used / K, "perplexity": exp(entropy of the code histogram), "unused": K - used}``.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_codes: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_codes = num_codes
+        self.add_state("counts", default=torch.zeros(num_codes, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, codes: Tensor, mask: Tensor | None = None) -> None:
+        codes = codes[mask] if mask is not None else codes.reshape(-1)
+        self.counts += torch.bincount(codes.reshape(-1), minlength=self.num_codes)
+
+    def compute(self) -> dict[str, Tensor]:
+        counts = self.counts.float()
+        p = counts / counts.sum().clamp(min=1)
+        entropy = -(p * p.clamp(min=1e-12).log()).sum()
+        used = (self.counts > 0).sum()
+        return {"usage": used.float() / self.num_codes, "perplexity": entropy.exp(), "unused": (self.num_codes - used).float()}

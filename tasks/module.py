@@ -1,0 +1,264 @@
+"""``MultiTaskModule``: the one training loop. A backbone, a dict of heads, weighted losses.
+
+Batches are ``{task: batch}`` (from ``datamodules.MultiTaskDataModule``) or, with a single head,
+a plain batch (a plain ``WebDataModule``), which is routed to that head. Logs
+``train/<task>/<name>``, ``val/<task>/<metric>``, ``test/<task>/<metric>`` and ``train/loss``.
+
+Heads with a ``discriminator`` switch the module to Lightning's manual optimisation with a second
+optimizer for the discriminators; the discriminator step uses the raw torch optimizer so that
+``global_step`` counts generator steps only (Lightning counts every LightningOptimizer.step).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from multimodal.backbone import Backbone
+from tasks.heads.base import Head
+
+COUNTS_KEY = "__counts__"  # the data layer's {event: count} per batch (see datamodules.webdata)
+
+
+class MultiTaskModule(L.LightningModule):
+    """Args:
+    backbone: the shared ``multimodal.Backbone``.
+    heads: ``{task name: Head}``; task names match the data module's task names.
+    loss_weights: ``{task: weight}``, default 1 for every head.
+    lr / weight_decay / betas: AdamW for backbone and heads.
+    warmup_steps / min_lr_ratio: linear warm-up, then cosine decay to ``lr * min_lr_ratio`` at the
+        last step (``trainer.max_steps`` or the estimated stepping batches).
+    disc_lr: AdamW learning rate of the discriminators (adversarial heads only).
+    grad_clip: gradient norm clip in manual optimisation (use ``trainer.gradient_clip_val`` otherwise).
+    check_finite: raise a clear error when a batch holds NaN/Inf (names the task and key).
+    media_every_n_val: write images/audio/text to TensorBoard every n-th validation (0 = never).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        heads: dict[str, Head],
+        loss_weights: dict[str, float] | None = None,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.99),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        disc_lr: float = 2e-4,
+        grad_clip: float | None = 1.0,
+        check_finite: bool = True,
+        media_every_n_val: int = 1,
+    ) -> None:
+        super().__init__()
+        if not heads:
+            raise ValueError("model.heads is empty: give at least one task head")
+        loss_weights = dict(loss_weights or {})
+        unknown = sorted(set(loss_weights) - set(heads))
+        if unknown:
+            raise ValueError(f"model.loss_weights names tasks with no head: {unknown} (heads: {sorted(heads)})")
+        for task, head in heads.items():
+            for modality in getattr(head, "backbone_modalities", ()):
+                backbone.codec(modality)  # raises, naming the missing codec
+            if not isinstance(head, Head):
+                raise TypeError(f"model.heads.{task} is a {type(head).__name__}, not a tasks.heads.Head")
+        self.save_hyperparameters(ignore=["backbone", "heads"])
+        self.backbone = backbone
+        self.heads = nn.ModuleDict(heads)
+        self.loss_weights = {task: float(loss_weights.get(task, 1.0)) for task in heads}
+        self.metrics = nn.ModuleDict(
+            {stage: nn.ModuleDict({task: head.build_metrics() for task, head in heads.items()}) for stage in ("val", "test")}
+        )
+        self.adversarial = any(h.discriminator is not None for h in heads.values())
+        self.automatic_optimization = not self.adversarial
+        self._media_done: set[str] = set()
+        self._val_count = 0
+
+    # ------------------------------------------------------------------ batches
+    def _route(self, batch: Any) -> dict[str, dict[str, Any]]:
+        """-> ``{task: batch}`` for the tasks present (None entries of exhausted loaders dropped)."""
+        if isinstance(batch, dict) and batch and set(batch) <= set(self.heads) and not any(
+            isinstance(v, Tensor) for v in batch.values()
+        ):
+            return {task: b for task, b in batch.items() if b is not None}
+        if len(self.heads) != 1:
+            raise ValueError(
+                f"got a plain batch but the model has {len(self.heads)} heads {sorted(self.heads)}: "
+                "use datamodules.MultiTaskDataModule with one DataModule per task"
+            )
+        return {next(iter(self.heads)): batch}
+
+    def _check(self, task: str, batch: dict[str, Any]) -> None:
+        head = self.heads[task]
+        missing = [k for k in head.required_keys if k not in batch]
+        if missing:
+            raise KeyError(f"head {task!r} needs batch keys {missing}; its data gives {sorted(k for k in batch if not k.startswith('__'))}")
+        if self.hparams.check_finite:
+            for key, value in batch.items():
+                if isinstance(value, Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+                    raise ValueError(f"non-finite values (NaN/Inf) in batch key {key!r} of task {task!r}")
+
+    def _log_counts(self, task: str, batch: dict[str, Any], stage: str) -> None:
+        for event, n in batch.get(COUNTS_KEY, {}).items():
+            self.log(f"data/{stage}/{task}/{event}", float(n), reduce_fx="sum", on_step=False, on_epoch=True,
+                     batch_size=1, sync_dist=True)
+
+    def _batch_size(self, batch: dict[str, Any]) -> int:
+        return len(batch["__key__"]) if "__key__" in batch else 1
+
+    # ------------------------------------------------------------------ training
+    def _losses(self, batch: Any) -> Tensor:
+        total = None
+        for task, sub in self._route(batch).items():
+            self._check(task, sub)
+            loss, logs = self.heads[task].loss(self.backbone, sub, self.global_step)
+            n = self._batch_size(sub)
+            self.log(f"train/{task}/loss", loss.detach(), batch_size=n)
+            for name, value in logs.items():
+                self.log(f"train/{task}/{name}", value, batch_size=n)
+            self._log_counts(task, sub, "train")
+            weighted = self.loss_weights[task] * loss
+            total = weighted if total is None else total + weighted
+        self.log("train/loss", total.detach(), prog_bar=True)
+        return total
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        if self.automatic_optimization:
+            return self._losses(batch)
+        opt_g, opt_d = self.optimizers()
+        sched_g, sched_d = self.lr_schedulers()
+        loss = self._losses(batch)
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.hparams.grad_clip:
+            self.clip_gradients(opt_g, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        opt_g.step()
+        sched_g.step()
+        d_total = None
+        for task, head in self.heads.items():
+            if head.discriminator is None:
+                continue
+            d_loss, logs = head.discriminator_loss(self.backbone, self.global_step)
+            for name, value in logs.items():
+                self.log(f"train/{task}/{name}", value)
+            if d_loss.requires_grad:
+                d_total = d_loss if d_total is None else d_total + d_loss
+        if d_total is not None:
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d_total)
+            opt_d.optimizer.step()  # raw step: global_step counts generator steps only
+            sched_d.step()
+        return None
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        for task, sub in self._route(batch).items():
+            self._check(task, sub)
+            head = self.heads[task]
+            logs = head.evaluate(self.backbone, sub, self.metrics[stage][task])
+            n = self._batch_size(sub)
+            for name, value in logs.items():
+                self.log(f"{stage}/{task}/{name}", value, batch_size=n, sync_dist=True)
+            self._log_counts(task, sub, stage)
+            if stage == "val" and task not in self._media_done and self._media_due():
+                self._media_done.add(task)
+                if self.trainer.is_global_zero and self.logger is not None:
+                    head.log_media(self.backbone, sub, self.logger.experiment, self.global_step, f"{stage}/{task}")
+
+    def _media_due(self) -> bool:
+        every = self.hparams.media_every_n_val
+        return bool(every) and self._val_count % every == 0 and not self.trainer.sanity_checking
+
+    def _epoch_end(self, stage: str) -> None:
+        for task, metrics in self.metrics[stage].items():
+            for name, value in _flatten(metrics.compute()).items():
+                self.log(f"{stage}/{task}/{name}", value, sync_dist=False)
+            metrics.reset()
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_start(self) -> None:
+        self._media_done = set()
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_end("val")
+        if not self.trainer.sanity_checking:
+            self._val_count += 1
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_end("test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, list[dict[str, Any]]]:
+        return {task: self.heads[task].predict(self.backbone, sub) for task, sub in self._route(batch).items()}
+
+    # ------------------------------------------------------------------ checks before the first step
+    def on_fit_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None:
+            return
+        tasks = getattr(dm, "tasks", None)
+        for task, head in self.heads.items():
+            sub = tasks.get(task) if isinstance(tasks, dict) else (dm if len(self.heads) == 1 else None)
+            if sub is None:
+                raise ValueError(f"head {task!r} has no data: add data.tasks.{task} (data tasks: {sorted(tasks or [])})")
+            keys = getattr(sub, "keys", None)
+            if keys is None:
+                continue
+            needed = {k.split("_")[0] for k in head.required_keys}
+            missing = sorted(needed - set(keys))
+            if missing:
+                raise ValueError(
+                    f"head {task!r} needs {missing} but its data set {getattr(sub, 'name', sub)!r} loads only {list(keys)}"
+                )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Name the setting when a checkpoint's shapes do not fit this model (before any weight is copied)."""
+        own = self.state_dict()
+        bad = [
+            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+            for k, v in checkpoint.get("state_dict", {}).items()
+            if k in own and hasattr(v, "shape") and v.shape != own[k].shape
+        ]
+        if bad:
+            hint = " (codebook size/dimension: model.backbone.quantizer num_codes/dim)" if any("quantizer" in b for b in bad) else ""
+            raise ValueError("checkpoint does not match the model" + hint + ":\n  " + "\n  ".join(bad[:10]))
+
+    # ------------------------------------------------------------------ optimisation
+    def _schedule(self, step: int) -> float:
+        warmup = self.hparams.warmup_steps
+        if step < warmup:
+            return (step + 1) / warmup
+        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        floor = self.hparams.min_lr_ratio
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        disc_params = {id(p) for h in self.heads.values() if h.discriminator is not None for p in h.discriminator.parameters()}
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in disc_params]
+        opt = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        sched = {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, self._schedule), "interval": "step"}
+        if not self.adversarial:
+            return {"optimizer": opt, "lr_scheduler": sched}
+        d_params = [p for h in self.heads.values() if h.discriminator is not None for p in h.discriminator.parameters()]
+        opt_d = torch.optim.AdamW(d_params, lr=hp.disc_lr, betas=tuple(hp.betas))
+        sched_d = {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt_d, self._schedule), "interval": "step"}
+        return [opt, opt_d], [sched, sched_d]
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
