@@ -11,7 +11,8 @@ class CodebookUsage(Metric):
     """Codebook health over a whole split: which of the K codes were used, and how evenly.
 
     ``update(codes [...] long, mask [...] bool | None)``; ``compute()`` returns
-    ``{"usage": used / K, "perplexity": exp(entropy of the code histogram), "unused": K - used}``.
+    ``{"codebook/usage": used / K, "codebook/perplexity": exp(entropy of the code histogram),
+    "codebook/unused": K - used}``.
     """
 
     full_state_update = False
@@ -30,4 +31,8 @@ class CodebookUsage(Metric):
         p = counts / counts.sum().clamp(min=1)
         entropy = -(p * p.clamp(min=1e-12).log()).sum()
         used = (self.counts > 0).sum()
-        return {"usage": used.float() / self.num_codes, "perplexity": entropy.exp(), "unused": (self.num_codes - used).float()}
+        return {
+            "codebook/usage": used.float() / self.num_codes,
+            "codebook/perplexity": entropy.exp(),
+            "codebook/unused": (self.num_codes - used).float(),
+        }

@@ -65,12 +65,13 @@ class MultiTaskModule(L.LightningModule):
                 backbone.codec(modality)  # raises, naming the missing codec
             if not isinstance(head, Head):
                 raise TypeError(f"model.heads.{task} is a {type(head).__name__}, not a tasks.heads.Head")
-        self.save_hyperparameters(ignore=["backbone", "heads"])
+        self.save_hyperparameters()
+        _drop_module_hparams(self)
         self.backbone = backbone
         self.heads = nn.ModuleDict(heads)
         self.loss_weights = {task: float(loss_weights.get(task, 1.0)) for task in heads}
         self.metrics = nn.ModuleDict(
-            {stage: nn.ModuleDict({task: head.build_metrics() for task, head in heads.items()}) for stage in ("val", "test")}
+            {stage: nn.ModuleDict({task: head.build_metrics(backbone) for task, head in heads.items()}) for stage in ("val", "test")}
         )
         self.adversarial = any(h.discriminator is not None for h in heads.values())
         self.automatic_optimization = not self.adversarial
@@ -252,6 +253,24 @@ class MultiTaskModule(L.LightningModule):
         opt_d = torch.optim.AdamW(d_params, lr=hp.disc_lr, betas=tuple(hp.betas))
         sched_d = {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt_d, self._schedule), "interval": "step"}
         return [opt, opt_d], [sched, sched_d]
+
+
+def _drop_module_hparams(module: L.LightningModule) -> None:
+    """Keep ``backbone``/``heads`` in the hyperparameters only as configuration (``class_path``
+    dicts, as the CLI gives them: ``multimodal.load_backbone`` rebuilds the backbone from it), never
+    as pickled modules (a model built in Python)."""
+
+    def is_config(value: Any) -> bool:
+        if isinstance(value, nn.Module):
+            return False
+        if isinstance(value, dict):
+            return all(is_config(v) for v in value.values())
+        return not isinstance(value, (Tensor,))
+
+    for store in (module._hparams, module._hparams_initial):
+        for key in ("backbone", "heads"):
+            if key in store and not is_config(store[key]):
+                del store[key]
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Tensor]:

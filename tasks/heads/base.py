@@ -4,7 +4,7 @@ A head is an ``nn.Module`` with
 
 * ``required_keys``: the batch keys it reads (checked against the data before the first step);
 * ``loss(backbone, batch, step) -> (loss, logs)``: the training loss and detached scalars to log;
-* ``build_metrics() -> MetricCollection``: fresh torchmetrics, one copy per stage (val/test);
+* ``build_metrics(backbone) -> MetricCollection``: fresh torchmetrics, one copy per stage (val/test);
 * ``evaluate(backbone, batch, metrics) -> logs``: update ``metrics`` on a validation/test batch;
 * ``predict(backbone, batch) -> list[dict]``: one JSON-able record per sample;
 * ``log_media(backbone, batch, experiment, step, tag)``: images/audio/text to TensorBoard (optional);
@@ -27,12 +27,15 @@ class Head(nn.Module):
     """Base class with the protocol's defaults; see the module docstring."""
 
     required_keys: tuple[str, ...] = ()
-    discriminator: nn.Module | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.discriminator: nn.Module | None = None  # an instance attribute: nn.Module registers modules
 
     def loss(self, backbone: Backbone, batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
-    def build_metrics(self) -> MetricCollection:
+    def build_metrics(self, backbone: Backbone) -> MetricCollection:
         return MetricCollection({})
 
     def evaluate(self, backbone: Backbone, batch: dict[str, Any], metrics: MetricCollection) -> dict[str, Tensor]:

@@ -129,8 +129,8 @@ class ReconstructionHead(Head):
         d_loss = hinge_d_loss(self.discriminator(self._real), self.discriminator(self._fake))
         return d_loss, {"d_loss": d_loss.detach()}
 
-    def build_metrics(self) -> MetricCollection:
-        metrics: dict[str, Any] = {}
+    def build_metrics(self, backbone: Backbone) -> MetricCollection:
+        metrics: dict[str, Any] = {"codebook": CodebookUsage(backbone.num_codes)}
         if self.modality == "image":
             metrics["psnr"] = PeakSignalNoiseRatio(data_range=2.0)  # images in [-1, 1]
             metrics["ssim"] = StructuralSimilarityIndexMeasure(data_range=2.0)
@@ -151,8 +151,6 @@ class ReconstructionHead(Head):
             per_item = ((rec - target).abs() * mask).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1)
             metrics["log_mel_l1"].update(per_item)
             metrics["mel_snr"].update(rec.exp() * mask, target.exp() * mask)
-        if "codebook" not in metrics:
-            metrics.add_metrics({"codebook": CodebookUsage(backbone.num_codes).to(target.device)})
         metrics["codebook"].update(tokens.codes, tokens.mask)
         return {"loss": (rec_loss + self.vq_weight * tokens.loss).detach(), **logs}
 
