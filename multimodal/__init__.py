@@ -1,0 +1,13 @@
+"""The models: the shared quantizer, modality codecs, the backbone and the CLI entry point.
+
+Never imports ``tasks`` or ``datamodules``.
+"""
+
+from .audio_codec import AudioCodec
+from .backbone import Backbone, Tokens
+from .checkpoint import load_backbone
+from .fsq import FSQ
+from .image_codec import ImageCodec
+from .quantizer import VectorQuantizer
+
+__all__ = ["AudioCodec", "Backbone", "FSQ", "ImageCodec", "Tokens", "VectorQuantizer", "load_backbone"]

@@ -1,0 +1,353 @@
+"""The diffusion process on (normalised) token latents, and its samplers.
+
+``GaussianDiffusion`` (DDPM, Ho et al. 2020; improved schedules, Nichol & Dhariwal 2021):
+
+    x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps,          t in {0, ..., T-1},  eps ~ N(0, I)
+
+with ``abar_t = prod_{s <= t} (1 - beta_s)``. The model predicts ``eps`` or the velocity
+``v = sqrt(abar_t) * eps - sqrt(1 - abar_t) * x0`` (Salimans & Ho 2022); either gives
+``x0 = (x_t - sqrt(1 - abar_t) * eps) / sqrt(abar_t) = sqrt(abar_t) * x_t - sqrt(1 - abar_t) * v``.
+
+``objective="flow"`` is rectified flow instead: ``x_s = (1 - s) * x0 + s * eps`` for continuous
+``s in [0, 1]``, the model predicts the velocity ``eps - x0`` and sampling integrates
+``dx/ds = v`` from s = 1 to 0 with Euler steps. The model is always called with timesteps on the
+DISCRETE scale ``[0, T)``: the diffusion passes (original, not respaced) integer timesteps, the flow
+passes ``s * T`` as a float. So one trunk sees the same range in either case, and ``t = 0`` is
+clean data for both.
+
+The model is any callable ``model_fn(x_t [B, N, D], t [B], **model_kwargs) -> [B, N, D]``; ``x_mask``
+is passed on when given. Classifier-free guidance (``guidance != 1``) needs a model with
+``forward_with_cfg(x, t, guidance=g, **model_kwargs)`` that runs the conditional and null halves as
+one batch, e.g. :class:`multimodal.dit.DiffusionTransformer` (pass ``modality=...`` in the
+kwargs).
+
+Latent normalisation: a ``latent_scale`` buffer (default 1, saved in the state dict so it travels in
+checkpoints; :meth:`set_latent_scale_from` measures ``1 / std`` of data latents, like the 0.18215 DiT
+uses for SD's VAE). :meth:`training_loss` takes RAW latents and normalises them; :meth:`sample`
+returns RAW (unnormalised) latents. Those are continuous: snap them to the nearest code of the shared
+codebook (the backbone's ``snap_to_codebook``) before the codec decodes them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+SCHEDULES = ("linear", "cosine")
+PREDICTIONS = ("eps", "v")
+OBJECTIVES = ("diffusion", "flow")
+SAMPLERS = {"diffusion": ("ddim", "ddpm"), "flow": ("euler",)}
+
+
+def linear_betas(num_timesteps: int) -> Tensor:
+    """DDPM's linear schedule 1e-4 -> 0.02 for T = 1000, scaled by 1000 / T for other T. [T] float64."""
+    scale = 1000.0 / num_timesteps
+    return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
+
+
+def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Nichol & Dhariwal's cosine schedule: abar(t) = cos^2(((t / T + s) / (1 + s)) * pi / 2),
+    beta_t = min(1 - abar(t + 1) / abar(t), max_beta). [T] float64."""
+    steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    abar = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
+
+
+def _expand(values: Tensor, ndim: int) -> Tensor:
+    """[B] -> [B, 1, ..., 1] with ``ndim`` dims in total."""
+    return values.reshape(-1, *([1] * (ndim - 1)))
+
+
+class GaussianDiffusion(nn.Module):
+    """Args:
+    num_timesteps: T, the number of discrete diffusion steps (also the model's timestep scale).
+    schedule: ``linear`` or ``cosine`` beta schedule.
+    prediction: ``eps`` or ``v`` for ``objective="diffusion"`` (default ``eps``); must stay None
+        (or ``velocity``) for ``objective="flow"``, whose model predicts ``eps - x0``.
+    objective: ``diffusion`` (Gaussian DDPM process) or ``flow`` (rectified flow).
+    latent_scale: initial value of the ``latent_scale`` buffer (normalised = raw * latent_scale).
+    """
+
+    def __init__(
+        self,
+        num_timesteps: int = 1000,
+        schedule: str = "linear",
+        prediction: str | None = None,
+        objective: str = "diffusion",
+        latent_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_timesteps, int) or num_timesteps < 1:
+            raise ValueError(f"GaussianDiffusion: num_timesteps must be a positive integer, got {num_timesteps!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"GaussianDiffusion: schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"GaussianDiffusion: objective must be one of {OBJECTIVES}, got {objective!r}")
+        if objective == "flow":
+            if prediction not in (None, "velocity"):
+                raise ValueError(f"GaussianDiffusion: objective='flow' predicts the velocity eps - x0; "
+                                 f"prediction must be None or 'velocity', got {prediction!r}")
+            prediction = "velocity"
+        else:
+            prediction = prediction or "eps"
+            if prediction not in PREDICTIONS:
+                raise ValueError(f"GaussianDiffusion: prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if not latent_scale > 0:
+            raise ValueError(f"GaussianDiffusion: latent_scale must be positive, got {latent_scale!r}")
+        self.num_timesteps = num_timesteps
+        self.schedule = schedule
+        self.prediction = prediction
+        self.objective = objective
+
+        betas = linear_betas(num_timesteps) if schedule == "linear" else cosine_betas(num_timesteps)
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        # derived from the configuration: not saved (checkpoints stay loadable if this code changes)
+        for name, value in {
+            "betas": betas,
+            "alphas_cumprod": alphas_cumprod,
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+        }.items():
+            self.register_buffer(name, value.float(), persistent=False)
+        self._abar = alphas_cumprod.tolist()  # float64 values for the samplers' per-step scalars
+        self.register_buffer("latent_scale", torch.tensor(float(latent_scale)))
+
+    # ------------------------------------------------------------------ latent normalisation
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """Raw latents -> normalised latents (x * latent_scale)."""
+        return x * self.latent_scale.to(x.dtype)
+
+    def unnormalize(self, x: Tensor) -> Tensor:
+        """Normalised latents -> raw latents (x / latent_scale)."""
+        return x / self.latent_scale.to(x.dtype)
+
+    @torch.no_grad()
+    def set_latent_scale_from(self, latents: Tensor, mask: Tensor | None = None) -> float:
+        """Set ``latent_scale = 1 / std`` of data latents [B, N, D] (valid tokens only with a mask [B, N]).
+
+        The statistics are summed over every rank when torch.distributed is initialised, so all ranks
+        store the same scale. Returns the new scale.
+        """
+        x = latents.detach().double()
+        if mask is None:
+            mask = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+        m = mask.to(x.dtype)[..., None].expand_as(x)
+        stats = torch.stack([m.sum(), (x * m).sum(), (x * x * m).sum()])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)
+        count, total, total_sq = stats.tolist()
+        if count < 2:
+            raise ValueError("set_latent_scale_from: needs at least 2 valid latent values")
+        var = (total_sq - total * total / count) / (count - 1)
+        if not var > 0:
+            raise ValueError("set_latent_scale_from: the latents have zero variance")
+        self.latent_scale.fill_(1.0 / math.sqrt(var))
+        return float(self.latent_scale)
+
+    # ------------------------------------------------------------------ forward process
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
+        """Noise clean latents: x0 [B, ...], t [B] -> x_t [B, ...].
+
+        Diffusion: t long in [0, T), ``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``.
+        Flow: t float in [0, 1], ``(1 - t) x0 + t noise``.
+        """
+        noise = torch.randn_like(x0) if noise is None else noise
+        if self.objective == "flow":
+            s = _expand(t.to(x0.dtype), x0.dim())
+            return (1 - s) * x0 + s * noise
+        return (_expand(self.sqrt_alphas_cumprod[t], x0.dim()).to(x0.dtype) * x0
+                + _expand(self.sqrt_one_minus_alphas_cumprod[t], x0.dim()).to(x0.dtype) * noise)
+
+    def v_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (diffusion; t long [B])."""
+        a = _expand(self.sqrt_alphas_cumprod[t], x0.dim()).to(x0.dtype)
+        b = _expand(self.sqrt_one_minus_alphas_cumprod[t], x0.dim()).to(x0.dtype)
+        return a * noise - b * x0
+
+    def split_prediction(self, x_t: Tensor, t: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+        """The model output at (x_t, t) -> (x0 estimate, eps estimate). Diffusion only; t long [B]."""
+        a = _expand(self.sqrt_alphas_cumprod[t], x_t.dim()).to(x_t.dtype)
+        b = _expand(self.sqrt_one_minus_alphas_cumprod[t], x_t.dim()).to(x_t.dtype)
+        if self.prediction == "v":
+            return a * x_t - b * out, b * x_t + a * out
+        return (x_t - b * out) / a, out
+
+    def model_timesteps(self, t: Tensor) -> Tensor:
+        """What the model sees: discrete t as is, flow time s in [0, 1] as ``s * T`` (float)."""
+        return t * self.num_timesteps if self.objective == "flow" else t
+
+    # ------------------------------------------------------------------ training
+
+    def training_loss(
+        self,
+        model_fn: Callable[..., Tensor],
+        x0: Tensor,
+        x_mask: Tensor | None = None,
+        t: Tensor | None = None,
+        noise: Tensor | None = None,
+        **model_kwargs: Any,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """MSE of the model's prediction on RAW latents x0 [B, N, D] (normalised here).
+
+        t (optional): [B] long in [0, T) (diffusion) or float in [0, 1] (flow), uniform if None;
+        noise (optional): like x0. The squared error is averaged over the valid tokens of ``x_mask``
+        [B, N] (all when None) and the D channels. Returns (loss, logs) where logs hold the detached
+        loss and its mean per quarter of the time range (``loss_q0`` = least noisy).
+        """
+        x0 = self.normalize(x0)
+        B = x0.shape[0]
+        if t is None:
+            if self.objective == "flow":
+                t = torch.rand(B, device=x0.device)
+            else:
+                t = torch.randint(0, self.num_timesteps, (B,), device=x0.device)
+        noise = torch.randn_like(x0) if noise is None else noise
+        x_t = self.q_sample(x0, t, noise)
+        if self.objective == "flow":
+            target = noise - x0
+        elif self.prediction == "v":
+            target = self.v_target(x0, noise, t)
+        else:
+            target = noise
+        if x_mask is not None:
+            model_kwargs["x_mask"] = x_mask
+        out = model_fn(x_t, self.model_timesteps(t), **model_kwargs)
+        err = (out.float() - target.float()).square().mean(dim=-1)  # [B, N]
+        if x_mask is None:
+            valid = torch.ones_like(err)
+        else:
+            valid = x_mask.to(err.dtype)
+        per_sample = (err * valid).sum(dim=1)  # [B]
+        tokens = valid.sum(dim=1)  # [B]
+        loss = per_sample.sum() / tokens.sum().clamp(min=1)
+
+        logs = {"loss": loss.detach()}
+        with torch.no_grad():
+            frac = t.float() if self.objective == "flow" else t.float() / self.num_timesteps
+            quarter = (frac * 4).long().clamp(0, 3)
+            for q in range(4):
+                sel = (quarter == q).to(per_sample.dtype)
+                logs[f"loss_q{q}"] = (per_sample * sel).sum() / (tokens * sel).sum().clamp(min=1)
+        return loss, logs
+
+    # ------------------------------------------------------------------ sampling
+
+    def respaced_timesteps(self, steps: int) -> list[int]:
+        """``steps`` evenly spaced original timesteps, descending from T - 1 to 0."""
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"sample: steps must be a positive integer, got {steps!r}")
+        if steps > self.num_timesteps:
+            raise ValueError(f"sample: steps={steps} exceeds num_timesteps={self.num_timesteps}")
+        if steps == 1:
+            return [self.num_timesteps - 1]
+        grid = torch.linspace(0, self.num_timesteps - 1, steps, dtype=torch.float64).round().long()
+        return grid.flip(0).tolist()
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model_fn: Callable[..., Tensor],
+        shape: tuple[int, ...],
+        steps: int = 50,
+        sampler: str | None = None,
+        eta: float = 0.0,
+        guidance: float = 1.0,
+        generator: torch.Generator | None = None,
+        x_mask: Tensor | None = None,
+        noise: Tensor | None = None,
+        device: torch.device | str | None = None,
+        **model_kwargs: Any,
+    ) -> Tensor:
+        """Draw latents of ``shape`` [B, N, D] -> RAW (unnormalised) latents [B, N, D].
+
+        sampler: ``ddim`` (default; ``eta`` = 0 deterministic, 1 = DDPM-like) or ``ddpm`` (ancestral,
+        posterior variance) over ``steps`` respaced timesteps, or ``euler`` (flow; the default there).
+        guidance: classifier-free guidance scale (1 = conditional only, no extra compute; > 1 calls
+        ``model_fn.forward_with_cfg``, both halves in one batch). The same ``generator`` state gives
+        the same samples. ``noise`` (optional) replaces the initial Gaussian draw. Padded positions
+        (``x_mask`` False) come back as 0. ``device`` defaults to the buffers' device.
+        """
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"sample: steps must be a positive integer, got {steps!r}")
+        if not guidance >= 0:
+            raise ValueError(f"sample: guidance must be >= 0, got {guidance!r}")
+        if not eta >= 0:
+            raise ValueError(f"sample: eta must be >= 0, got {eta!r}")
+        sampler = sampler or SAMPLERS[self.objective][0]
+        if sampler not in SAMPLERS[self.objective]:
+            raise ValueError(f"sample: sampler must be one of {SAMPLERS[self.objective]} for "
+                             f"objective={self.objective!r}, got {sampler!r}")
+        device = torch.device(device) if device is not None else self.latent_scale.device
+        if guidance != 1:
+            if not hasattr(model_fn, "forward_with_cfg"):
+                raise ValueError("sample: guidance != 1 needs a model with forward_with_cfg(x, t, guidance=..., "
+                                 "**kwargs) (e.g. DiffusionTransformer) that runs both halves as one batch")
+
+            def predict(x: Tensor, t: Tensor) -> Tensor:
+                return model_fn.forward_with_cfg(x, t, guidance=guidance, **model_kwargs)
+        else:
+            def predict(x: Tensor, t: Tensor) -> Tensor:
+                return model_fn(x, t, **model_kwargs)
+        if x_mask is not None:
+            model_kwargs["x_mask"] = x_mask
+
+        def randn(like_shape: tuple[int, ...]) -> Tensor:
+            gen_device = generator.device if generator is not None else device
+            return torch.randn(like_shape, generator=generator, device=gen_device).to(device)
+
+        x = randn(tuple(shape)) if noise is None else noise.to(device)
+        B = x.shape[0]
+        if self.objective == "flow":
+            x = self._euler(predict, x, steps)
+        else:
+            timesteps = self.respaced_timesteps(steps)
+            for i, t_now in enumerate(timesteps):
+                t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+                t = torch.full((B,), t_now, dtype=torch.long, device=device)
+                x = self._step(sampler, x, predict(x, t).float(), t_now, t_prev, eta, randn)
+        if x_mask is not None:
+            x = x * x_mask[..., None].to(x.dtype)
+        return self.unnormalize(x)
+
+    def _step(self, sampler: str, x: Tensor, out: Tensor, t_now: int, t_prev: int, eta: float,
+              randn: Callable[[tuple[int, ...]], Tensor]) -> Tensor:
+        """One reverse step from timestep t_now to t_prev (-1 = clean data) given the model output."""
+        abar = self._abar[t_now]
+        abar_prev = self._abar[t_prev] if t_prev >= 0 else 1.0
+        a, b = math.sqrt(abar), math.sqrt(1.0 - abar)
+        if self.prediction == "v":  # same algebra as split_prediction, with float64 scalars
+            x0, eps = a * x - b * out, b * x + a * out
+        else:
+            x0, eps = (x - b * out) / a, out
+        if t_prev < 0:
+            return x0
+        if sampler == "ddpm":
+            # posterior q(x_prev | x_t, x0) of the respaced chain, beta' = 1 - abar / abar_prev
+            beta = 1.0 - abar / abar_prev
+            coef_x0 = math.sqrt(abar_prev) * beta / (1.0 - abar)
+            coef_xt = math.sqrt(1.0 - beta) * (1.0 - abar_prev) / (1.0 - abar)
+            var = beta * (1.0 - abar_prev) / (1.0 - abar)
+            return coef_x0 * x0 + coef_xt * x + math.sqrt(var) * randn(tuple(x.shape))
+        # DDIM (Song et al. 2021): sigma = eta * sqrt((1 - abar_prev) / (1 - abar)) * sqrt(1 - abar / abar_prev)
+        sigma = eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
+        x = math.sqrt(abar_prev) * x0 + math.sqrt(max(1.0 - abar_prev - sigma**2, 0.0)) * eps
+        if sigma > 0:
+            x = x + sigma * randn(tuple(x.shape))
+        return x
+
+    def _euler(self, predict: Callable[[Tensor, Tensor], Tensor], x: Tensor, steps: int) -> Tensor:
+        """Rectified flow: integrate dx/ds = v(x, s) from s = 1 (noise) to s = 0 (data) in ``steps``."""
+        B = x.shape[0]
+        s_grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+        for s_now, s_next in zip(s_grid[:-1], s_grid[1:]):
+            s = torch.full((B,), s_now, dtype=torch.float32, device=x.device)
+            v = predict(x, self.model_timesteps(s)).float()
+            x = x + (s_next - s_now) * v
+        return x

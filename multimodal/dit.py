@@ -1,0 +1,504 @@
+"""The DiffusionTransformer trunk: adaLN-Zero DiT blocks over token latents of the shared code space.
+
+Inputs are token latents ``x [B, N, D]`` (``D`` = the shared quantizer's dim). An image is an
+``h x w`` grid of tokens in row-major order, optionally patchified by ``p x p`` (``p`` in {1, 2}: an
+8 x 8 grid becomes 16 tokens of ``D * 4`` channels at ``p = 2``, like DiT's "/2" models); audio is a
+1-D sequence of variable length with a padding mask (always ``p = 1``).
+
+One forward::
+
+    tokens = Linear(patchify(x)) + sincos positions + modality embedding            [B, N', H]
+    c      = TimestepEmbedder(t) + LabelEmbedder(y)                                  [B, H]
+    h      = [condition tokens ; tokens]  (joint attention, padding masked)          [B, L + N', H]
+    h      = DiTBlock(h, c) x depth       (adaLN-Zero: shift/scale/gate from c)
+    out    = unpatchify(FinalLayer(h[:, L:], c))                                     [B, N, D]
+
+Timesteps ``t`` are on the discrete diffusion scale ``[0, num_timesteps)`` (1000 by default); floats
+are allowed, so a rectified-flow time ``s in [0, 1]`` is passed as ``s * 1000`` (see
+:class:`multimodal.diffusion.GaussianDiffusion`). ``t = 0`` means clean latents: :meth:`features`
+uses it to encode clean latents for the understanding heads with the same weights.
+
+Conditioning:
+
+* class labels ``y [B]``: an embedding table with one extra "null" row (index ``num_classes``);
+  ``y=None`` or ``y == -1`` is the null label. In training (``self.training`` and
+  ``drop_condition=True``) every label is replaced by null with probability ``class_dropout_prob``.
+* condition tokens prepended to the sequence: text ids ``cond_ids [B, L]`` (embedding table of
+  ``text_vocab_size``, 1-D sin-cos positions, the text modality embedding) or another modality's
+  latents ``cond_latents [B, L, D]`` (through the input projection, with that modality's positions
+  and embedding); ``cond_mask [B, L]`` marks real tokens (True) vs padding (for a patchified image
+  condition it has one entry per patch token, ``L / p^2``). The null token
+  condition is the EMPTY condition: every condition token masked out of attention, which is exactly
+  the same as running without condition tokens. It needs no extra parameters and is what training
+  drops to with probability ``cond_dropout_prob`` and what :meth:`forward_with_cfg` uses for its
+  unconditional half. The output keeps only the ``x`` positions.
+
+Initialisation (:meth:`DiffusionTransformer.initialize_weights`, as in DiT): Xavier-uniform Linear
+weights with zero biases, N(0, 0.02) embedding tables and timestep MLP, and ZERO adaLN modulation and
+final projection, so every block starts as the identity and the output starts at exactly zero.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, GELUTanh, Mlp
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .embeddings import LabelEmbedder, TimestepEmbedder, sincos_1d, sincos_2d
+from .layers import resolve_preset
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"depth": 2, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 4.0},
+    "cpu": {"depth": 6, "hidden_size": 256, "num_heads": 4, "mlp_ratio": 4.0},
+    "S": {"depth": 12, "hidden_size": 384, "num_heads": 6, "mlp_ratio": 4.0},
+    "B": {"depth": 12, "hidden_size": 768, "num_heads": 12, "mlp_ratio": 4.0},
+    "L": {"depth": 24, "hidden_size": 1024, "num_heads": 16, "mlp_ratio": 4.0},
+    "XL": {"depth": 28, "hidden_size": 1152, "num_heads": 16, "mlp_ratio": 4.0},
+}
+MODALITIES = ("image", "audio", "text")
+GRID_MODALITIES = ("image",)  # 2-D token grids; the others are 1-D sequences
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """x [B, S, H]; shift, scale [B, H] -> x * (1 + scale) + shift."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def patchify(x: Tensor, grid: tuple[int, int], p: int) -> Tensor:
+    """Row-major token grid x [B, h*w, D] -> patches [B, (h/p)*(w/p), p*p*D] (channels: row, col, D)."""
+    if p == 1:
+        return x
+    B, _, D = x.shape
+    h, w = grid
+    x = x.reshape(B, h // p, p, w // p, p, D).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, (h // p) * (w // p), p * p * D)
+
+
+def unpatchify(x: Tensor, grid: tuple[int, int], p: int) -> Tensor:
+    """Inverse of :func:`patchify`: [B, (h/p)*(w/p), p*p*D] -> [B, h*w, D]."""
+    if p == 1:
+        return x
+    B, _, C = x.shape
+    h, w = grid
+    D = C // (p * p)
+    x = x.reshape(B, h // p, w // p, p, p, D).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, h * w, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention``.
+
+    x [B, S, H]; attn_mask None or bool [B, 1, 1, S] (True = key takes part) -> [B, S, H].
+    """
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        B, S, C = x.shape
+        qkv = self.qkv(x).reshape(B, S, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [B, heads, S, head_dim]
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(x.transpose(1, 2).reshape(B, S, C))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block: x [B, S, H], c [B, H] -> [B, S, H].
+
+    ``shift, scale, gate`` (for attention and for the MLP) = Linear(SiLU(c)); the branch input is
+    ``LN(x) * (1 + scale) + shift`` (LayerNorm without affine) and its output is added as
+    ``gate * branch``. The modulation Linear is zero-initialised, so the block starts as identity.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=GELUTanh, drop=0.0)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + self.drop_path(gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), attn_mask))
+        x = x + self.drop_path(gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN output layer: x [B, S, H], c [B, H] -> [B, S, out_dim] (``out_seq_dim`` for 1-D sequences
+    when the image patch makes the two differ). Zero-initialised: the trunk's output starts at 0."""
+
+    def __init__(self, hidden_size: int, out_dim: int, out_seq_dim: int | None = None) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.linear = nn.Linear(hidden_size, out_dim)
+        self.linear_seq = nn.Linear(hidden_size, out_seq_dim) if out_seq_dim is not None else None
+
+    def forward(self, x: Tensor, c: Tensor, sequence: bool = False) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        x = modulate(self.norm_final(x), shift, scale)
+        linear = self.linear_seq if sequence and self.linear_seq is not None else self.linear
+        return linear(x)
+
+
+class DiffusionTransformer(nn.Module):
+    """A DiT over token latents of every modality.
+
+    Args:
+        in_dim: latent dim D of the shared code space (input and output channels per token).
+        preset: ``tiny`` (2 x 64, 2 heads; tests), ``cpu`` (6 x 256, 4 heads), ``S`` (12 x 384, 6),
+            ``B`` (12 x 768, 12), ``L`` (24 x 1024, 16), ``XL`` (28 x 1152, 16); mlp_ratio 4.
+        depth, hidden_size, num_heads, mlp_ratio: override the preset when not None.
+        patch_size: p in {1, 2}; image grids are patchified p x p (audio and text always use 1).
+        num_classes: size of the class table (plus one null row); 0 for no classes (null row only).
+        class_dropout_prob: training probability of replacing a label by the null label.
+        text_vocab_size: size of the text-condition embedding table; 0 disables ``cond_ids``.
+        cond_dropout_prob: training probability of dropping a sample's condition tokens (all masked).
+        drop_path: stochastic depth rate of the last block (linearly increasing from 0).
+        grad_checkpointing: recompute each block in backward (torch.utils.checkpoint) in training.
+        frequency_size: sinusoidal timestep features before the timestep MLP.
+    """
+
+    def __init__(
+        self,
+        in_dim: int = 64,
+        preset: str = "cpu",
+        depth: int | None = None,
+        hidden_size: int | None = None,
+        num_heads: int | None = None,
+        mlp_ratio: float | None = None,
+        patch_size: int = 1,
+        num_classes: int = 0,
+        class_dropout_prob: float = 0.1,
+        text_vocab_size: int = 0,
+        cond_dropout_prob: float = 0.1,
+        drop_path: float = 0.0,
+        grad_checkpointing: bool = False,
+        frequency_size: int = 256,
+    ) -> None:
+        super().__init__()
+        cfg = resolve_preset(PRESETS, preset, "DiffusionTransformer", depth=depth, hidden_size=hidden_size,
+                             num_heads=num_heads, mlp_ratio=mlp_ratio)
+        depth, hidden_size, num_heads, mlp_ratio = (cfg["depth"], cfg["hidden_size"], cfg["num_heads"],
+                                                    cfg["mlp_ratio"])
+        _check_positive(in_dim=in_dim, depth=depth, hidden_size=hidden_size, num_heads=num_heads,
+                        frequency_size=frequency_size)
+        if hidden_size % num_heads:
+            raise ValueError(f"DiffusionTransformer: hidden_size={hidden_size} must be divisible by "
+                             f"num_heads={num_heads}")
+        if hidden_size % 4:
+            raise ValueError(f"DiffusionTransformer: hidden_size={hidden_size} must be divisible by 4 "
+                             "(2-D sin-cos positions)")
+        if patch_size not in (1, 2):
+            raise ValueError(f"DiffusionTransformer: patch_size must be 1 or 2, got {patch_size!r}")
+        if mlp_ratio <= 0:
+            raise ValueError(f"DiffusionTransformer: mlp_ratio must be positive, got {mlp_ratio!r}")
+        if num_classes < 0 or text_vocab_size < 0:
+            raise ValueError(f"DiffusionTransformer: num_classes={num_classes} and "
+                             f"text_vocab_size={text_vocab_size} must be >= 0")
+        for name, p in (("class_dropout_prob", class_dropout_prob), ("cond_dropout_prob", cond_dropout_prob),
+                        ("drop_path", drop_path)):
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"DiffusionTransformer: {name} must be in [0, 1), got {p!r}")
+
+        self.in_dim = in_dim
+        self.depth = depth
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.patch_size = patch_size
+        self.num_classes = num_classes
+        self.class_dropout_prob = class_dropout_prob
+        self.text_vocab_size = text_vocab_size
+        self.cond_dropout_prob = cond_dropout_prob
+        self.grad_checkpointing = grad_checkpointing
+
+        p2 = patch_size * patch_size
+        self.x_embedder = nn.Linear(in_dim * p2, hidden_size)  # image patches (and sequences when p = 1)
+        self.seq_embedder = nn.Linear(in_dim, hidden_size) if patch_size > 1 else None
+        self.t_embedder = TimestepEmbedder(hidden_size, frequency_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        self.text_embedder = nn.Embedding(text_vocab_size, hidden_size) if text_vocab_size else None
+        self.modality_embed = nn.Parameter(torch.zeros(len(MODALITIES), hidden_size))
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, r) for r in rates)
+        self.final_layer = FinalLayer(hidden_size, in_dim * p2, in_dim if patch_size > 1 else None)
+        self._pos_cache: dict[tuple, Tensor] = {}
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's initialisation; zero adaLN modulation and final layer (adaLN-Zero)."""
+
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if self.text_embedder is not None:
+            nn.init.normal_(self.text_embedder.weight, std=0.02)
+        nn.init.normal_(self.modality_embed, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        final = self.final_layer
+        for linear in (final.adaLN_modulation[-1], final.linear, final.linear_seq):
+            if linear is not None:
+                nn.init.zeros_(linear.weight)
+                nn.init.zeros_(linear.bias)
+
+    # ------------------------------------------------------------------ embedding helpers
+
+    def _positions(self, kind: str, size: tuple[int, ...], device: torch.device) -> Tensor:
+        """Fixed sin-cos table [S, hidden] float32 for a 2-D grid (``kind='2d'``) or a 1-D sequence;
+        cached per (kind, size, device) in eager mode, computed in-graph under torch.compile."""
+        def compute() -> Tensor:
+            if kind == "2d":
+                return sincos_2d(self.hidden_size, size[0], size[1], device=device)
+            return sincos_1d(self.hidden_size, torch.arange(size[0], device=device))
+
+        if torch.compiler.is_compiling():
+            return compute()
+        key = (kind, size, str(device))
+        table = self._pos_cache.get(key)
+        if table is None:
+            if len(self._pos_cache) > 64:  # variable-length audio: keep the cache bounded
+                self._pos_cache.clear()
+            table = self._pos_cache[key] = compute()
+        return table
+
+    def _modality_index(self, modality: str, name: str = "modality") -> int:
+        if modality not in MODALITIES:
+            raise ValueError(f"DiffusionTransformer: {name} must be one of {MODALITIES}, got {modality!r}")
+        return MODALITIES.index(modality)
+
+    def _resolve_grid(self, n: int, grid: tuple[int, int] | None, name: str = "grid") -> tuple[int, int]:
+        if grid is None:
+            side = math.isqrt(n)
+            if side * side != n:
+                raise ValueError(f"DiffusionTransformer: {n} image tokens are not a square grid; pass {name}=(h, w)")
+            grid = (side, side)
+        h, w = int(grid[0]), int(grid[1])
+        if h * w != n:
+            raise ValueError(f"DiffusionTransformer: {name}={grid} has {h * w} tokens but x has {n}")
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"DiffusionTransformer: {name}={grid} is not divisible by patch_size={p}")
+        return h, w
+
+    def _embed_latents(self, x: Tensor, modality: str, grid: tuple[int, int] | None,
+                       name: str = "grid") -> tuple[Tensor, tuple[int, int] | None]:
+        """Latent tokens x [B, N, D] -> (tokens [B, N', hidden], the grid or None for sequences)."""
+        index = self._modality_index(modality)
+        if x.dim() != 3 or x.shape[-1] != self.in_dim:
+            raise ValueError(f"DiffusionTransformer: latents must be [B, N, {self.in_dim}], got {tuple(x.shape)}")
+        if modality in GRID_MODALITIES:
+            grid = self._resolve_grid(x.shape[1], grid, name)
+            p = self.patch_size
+            tokens = self.x_embedder(patchify(x, grid, p))
+            pos = self._positions("2d", (grid[0] // p, grid[1] // p), x.device)
+        else:
+            if modality == "text":
+                raise ValueError("DiffusionTransformer: text is a condition (cond_ids), not a latent modality")
+            grid = None
+            tokens = (self.seq_embedder or self.x_embedder)(x)
+            pos = self._positions("1d", (x.shape[1],), x.device)
+        tokens = tokens + (pos + self.modality_embed[index]).to(tokens.dtype)
+        return tokens, grid
+
+    def _embed_condition(self, batch: int, device: torch.device, cond_ids: Tensor | None,
+                         cond_mask: Tensor | None, cond_latents: Tensor | None, cond_modality: str | None,
+                         cond_grid: tuple[int, int] | None) -> tuple[Tensor, Tensor] | None:
+        """Condition tokens -> (tokens [B, L', hidden], valid [B, L'] bool), or None without a condition."""
+        if cond_ids is not None and cond_latents is not None:
+            raise ValueError("DiffusionTransformer: pass cond_ids (text) or cond_latents, not both")
+        if cond_ids is None and cond_latents is None:
+            if cond_mask is not None:
+                raise ValueError("DiffusionTransformer: cond_mask given without cond_ids or cond_latents")
+            return None
+        if cond_ids is not None:
+            if self.text_embedder is None:
+                raise ValueError("DiffusionTransformer: cond_ids need a text table; set text_vocab_size > 0")
+            L = cond_ids.shape[1]
+            pos = self._positions("1d", (L,), device)
+            tokens = self.text_embedder(cond_ids)
+            tokens = tokens + (pos + self.modality_embed[MODALITIES.index("text")]).to(tokens.dtype)
+        else:
+            if cond_modality is None:
+                raise ValueError("DiffusionTransformer: cond_latents need cond_modality ('image' or 'audio')")
+            tokens, _ = self._embed_latents(cond_latents, cond_modality, cond_grid, "cond_grid")
+            L = tokens.shape[1]  # patch tokens for a patchified image condition
+        if cond_mask is None:
+            cond_mask = torch.ones(batch, L, dtype=torch.bool, device=device)
+        elif tuple(cond_mask.shape) != (batch, L):
+            raise ValueError(f"DiffusionTransformer: cond_mask must be [B, L]=({batch}, {L}), "
+                             f"got {tuple(cond_mask.shape)}")
+        return tokens, cond_mask.to(torch.bool)
+
+    # ------------------------------------------------------------------ trunk
+
+    def _trunk(
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        modality: str,
+        y: Tensor | None = None,
+        cond_ids: Tensor | None = None,
+        cond_mask: Tensor | None = None,
+        x_mask: Tensor | None = None,
+        grid: tuple[int, int] | None = None,
+        drop_condition: bool = True,
+        cond_latents: Tensor | None = None,
+        cond_modality: str | None = None,
+        cond_grid: tuple[int, int] | None = None,
+    ) -> tuple[Tensor, Tensor, tuple[int, int] | None]:
+        """-> (hidden states of the x tokens [B, N', hidden], c [B, hidden], the grid or None)."""
+        B, N = x.shape[:2]
+        device = x.device
+        tokens, grid = self._embed_latents(x, modality, grid)
+        if x_mask is not None:
+            if grid is not None and self.patch_size > 1:
+                raise ValueError("DiffusionTransformer: x_mask is not supported for image grids with "
+                                 "patch_size > 1 (a padded grid cannot be patchified)")
+            if tuple(x_mask.shape) != (B, N):
+                raise ValueError(f"DiffusionTransformer: x_mask must be [B, N]=({B}, {N}), got {tuple(x_mask.shape)}")
+            x_mask = x_mask.to(torch.bool)
+
+        t = torch.as_tensor(t, device=device)
+        t = t.expand(B) if t.dim() == 0 else t
+        if y is None:
+            y = self.y_embedder.null_labels(B, device)
+        dropping = self.training and drop_condition
+        if dropping and self.class_dropout_prob > 0:
+            y = self.y_embedder.drop(y, self.class_dropout_prob)
+        c = self.t_embedder(t) + self.y_embedder(y)  # [B, hidden]
+
+        cond = self._embed_condition(B, device, cond_ids, cond_mask, cond_latents, cond_modality, cond_grid)
+        L = 0
+        valid = x_mask
+        if cond is not None:
+            cond_tokens, cond_valid = cond
+            if dropping and self.cond_dropout_prob > 0:
+                keep = torch.rand(B, 1, device=device) >= self.cond_dropout_prob
+                cond_valid = cond_valid & keep
+            L = cond_tokens.shape[1]
+            tokens = torch.cat([cond_tokens.to(tokens.dtype), tokens], dim=1)
+            x_valid = x_mask if x_mask is not None else torch.ones(B, tokens.shape[1] - L, dtype=torch.bool,
+                                                                   device=device)
+            valid = torch.cat([cond_valid, x_valid], dim=1)
+        attn_mask = None
+        if valid is not None:
+            # a row with no valid key would give NaN: let such (all-padding) samples attend everywhere
+            valid = valid | ~valid.any(dim=1, keepdim=True)
+            attn_mask = valid[:, None, None, :]  # [B, 1, 1, S]: broadcast over heads and queries
+
+        h = tokens
+        use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            if use_checkpoint:
+                h = checkpoint(block, h, c, attn_mask, use_reentrant=False)
+            else:
+                h = block(h, c, attn_mask)
+        return h[:, L:], c, grid
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        modality: str,
+        y: Tensor | None = None,
+        cond_ids: Tensor | None = None,
+        cond_mask: Tensor | None = None,
+        x_mask: Tensor | None = None,
+        grid: tuple[int, int] | None = None,
+        drop_condition: bool = True,
+        cond_latents: Tensor | None = None,
+        cond_modality: str | None = None,
+        cond_grid: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """Predict eps or v (or a flow velocity) for noisy latents.
+
+        x [B, N, D]; t [B] or scalar, float or long, timesteps on the [0, num_timesteps) scale
+        (rectified flow passes 1000 * s for s in [0, 1]); modality ``image`` (grid ``(h, w)``, square
+        if None) or ``audio``; y [B] long or None (-1 / None = null label); cond_ids [B, L] long or
+        cond_latents [B, L, D] (+ cond_modality, cond_grid) with cond_mask [B, L] bool (True = real
+        token); x_mask [B, N] bool (True = real token). Returns [B, N, D]; padded positions are 0.
+        """
+        h, c, grid = self._trunk(x, t, modality, y, cond_ids, cond_mask, x_mask, grid, drop_condition,
+                                 cond_latents, cond_modality, cond_grid)
+        out = self.final_layer(h, c, sequence=grid is None)
+        if grid is not None:
+            out = unpatchify(out, grid, self.patch_size)
+        if x_mask is not None:
+            out = out * x_mask[..., None].to(out.dtype)
+        return out
+
+    def features(self, x: Tensor, modality: str, x_mask: Tensor | None = None,
+                 grid: tuple[int, int] | None = None) -> Tensor:
+        """Encode CLEAN latents: x [B, N, D] -> final hidden states [B, N', hidden] at t = 0 with the
+        null condition (N' = N, or N / p^2 for patchified images). Padded positions are 0."""
+        h, _, _ = self._trunk(x, 0, modality, None, x_mask=x_mask, grid=grid, drop_condition=False)
+        if x_mask is not None:
+            h = h * x_mask[..., None].to(h.dtype)
+        return h
+
+    def forward_with_cfg(self, x: Tensor, t: Tensor | float, modality: str, guidance: float,
+                         **cond: Any) -> Tensor:
+        """Classifier-free guidance: ``eps_u + guidance * (eps_c - eps_u)`` -> [B, N, D].
+
+        The conditional and the unconditional (null label, condition tokens masked out) halves run as
+        ONE batch of 2B. ``cond`` takes :meth:`forward`'s keyword arguments (y, cond_ids, cond_mask,
+        cond_latents, cond_modality, cond_grid, x_mask, grid). guidance = 1 is the plain conditional
+        forward (one half only), 0 the unconditional one.
+        """
+        if guidance < 0:
+            raise ValueError(f"forward_with_cfg: guidance must be >= 0, got {guidance!r}")
+        cond.pop("drop_condition", None)
+        y, cond_ids, cond_latents = cond.get("y"), cond.get("cond_ids"), cond.get("cond_latents")
+        if y is None and cond_ids is None and cond_latents is None:
+            raise ValueError("forward_with_cfg: guidance needs a condition (y, cond_ids or cond_latents)")
+        if guidance == 1:
+            return self(x, t, modality, drop_condition=False, **cond)
+        B = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(B) if t.dim() == 0 else t
+        both = dict(cond)
+        if y is not None:
+            both["y"] = torch.cat([y, torch.full_like(y, -1)])
+        tokens = cond_ids if cond_ids is not None else cond_latents
+        if tokens is not None:
+            mask = cond.get("cond_mask")
+            if mask is None:
+                L = tokens.shape[1]
+                if cond_latents is not None and cond.get("cond_modality") in GRID_MODALITIES:
+                    L = L // (self.patch_size * self.patch_size)
+                mask = torch.ones(B, L, dtype=torch.bool, device=x.device)
+            both["cond_mask"] = torch.cat([mask.to(torch.bool), torch.zeros_like(mask, dtype=torch.bool)])
+            key = "cond_ids" if cond_ids is not None else "cond_latents"
+            both[key] = torch.cat([tokens, tokens])
+        if cond.get("x_mask") is not None:
+            both["x_mask"] = torch.cat([cond["x_mask"], cond["x_mask"]])
+        out = self(torch.cat([x, x]), torch.cat([t, t]), modality, drop_condition=False, **both)
+        eps_c, eps_u = out.chunk(2)
+        return eps_u + guidance * (eps_c - eps_u)
+
+
+def _check_positive(**settings: int) -> None:
+    for name, value in settings.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"DiffusionTransformer: {name} must be a positive integer, got {value!r}")
