@@ -63,3 +63,24 @@ def test_bad_config_fails_at_start(shard_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *_base(shard_dir, tmp_path), "--data.no_such_option=1"])
     assert exit_info.value.code != 0
+
+
+def test_fit_on_embedded_demo_data(tmp_path: Path) -> None:
+    main([
+        "fit",
+        "--model=tests.cli_model.TinyClassifier",
+        "--model.num_classes=10",
+        "--data=datamodules.WebDataModule",
+        "--data.demo=digits",
+        "--data.demo_size=tiny",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        "--data.keys=[image, label]",
+        "--data.batch_size=4",
+        "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=1",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+        "--trainer.enable_progress_bar=false",
+    ])
+    info = json.loads(next((tmp_path / "cache").glob("digits-*/info.json")).read_text())
+    assert info["classes"] == [str(d) for d in range(10)]
+    assert next((tmp_path / "run").rglob("*step=2.ckpt"))
