@@ -219,7 +219,9 @@ def wav_truncation(data: bytes) -> str | None:
 def to_mono(wave: np.ndarray) -> np.ndarray:
     """Average the channels of a ``[T, C]`` array (a ``[T]`` array is returned as is), float32."""
     wave = np.asarray(wave, dtype=np.float32)
-    return wave.mean(axis=1, dtype=np.float32) if wave.ndim == 2 else wave
+    if wave.ndim == 2:
+        return wave[:, 0] if wave.shape[1] == 1 else wave.mean(axis=1, dtype=np.float32)
+    return wave
 
 
 def resample(wave: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:

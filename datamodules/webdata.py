@@ -128,7 +128,10 @@ class ShardStream(IterableDataset):
             shards = iter([{"url": u} for u in mine])
         samples = wds.tarfile_to_samples(handler=on_error)(shards)
         if self.train and self.shuffle_buffer > 1:
-            samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), rng)
+            # a buffer larger than a quarter of this worker's epoch mostly reads samples that are
+            # thrown away when the epoch ends (measured: ~50% extra tar reads at 4096 samples/epoch)
+            bufsize = max(2, min(self.shuffle_buffer, n_batches * self.batch_size // 4))
+            samples = wds.filters._shuffle(samples, bufsize, min(100, bufsize), rng)
 
         buffer: list[dict[str, Any]] = []
         yielded = 0
