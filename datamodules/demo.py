@@ -7,7 +7,9 @@ packages (no downloads), deterministic for a seed:
             relations; label = shape of the largest object.
 ``spoken``  spoken commands ("go three one") synthesised by espeak-ng with many voices, rates,
             pitches and noise levels, 16 kHz; label = the command word. Two voice variants are
-            kept out of train/val/test and form an extra ``heldout`` split.
+            kept out of train/val/test and form an extra ``heldout`` split. espeak-ng carries
+            state from clip to clip, so the speech comes from a fresh child process given the
+            same sequence of calls every time (:class:`~datamodules.espeak.EspeakProcess`).
 ``digits``  scikit-learn's 1797 real 8x8 handwritten digits, upsampled to 32x32 grayscale.
 
 :func:`demo_root` returns the folder (``info.json`` + ``{split}-%06d.tar``), generating it when
@@ -33,11 +35,20 @@ from PIL import Image
 
 from .shards import ShardSink, encode_png, encode_wav, make_info, read_info, write_info
 
-__all__ = ["DEMO_SETS", "SIZES", "FORMAT_VERSION", "SHAPES", "COMMANDS", "default_cache_dir", "demo_root", "generate"]
+__all__ = [
+    "DEMO_SETS",
+    "SIZES",
+    "FORMAT_VERSION",
+    "SHAPES",
+    "COMMANDS",
+    "default_cache_dir",
+    "demo_root",
+    "generate",
+]
 
 DEMO_SETS: tuple[str, ...] = ("shapes", "spoken", "digits")
 SIZES: tuple[str, ...] = ("default", "tiny")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bumped whenever generated content changes, so stale caches are not reused."""
 CACHE_ENV = "MULTIMODAL_CACHE"
 MAX_PER_SHARD = 1000
@@ -120,7 +131,7 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
         s = r * 0.85  # visually as large as the circle
         return (np.abs(dx) <= s) & (np.abs(dy) <= s)
     if shape == "diamond":
-        return np.abs(dx) + np.abs(dy) <= r * 1.15
+        return np.abs(dx) + np.abs(dy) <= r * 1.1
     if shape == "cross":
         arm = r * 0.38
         return ((np.abs(dx) <= arm) & (np.abs(dy) <= r)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= r))
@@ -152,19 +163,19 @@ def _place(rng: np.random.Generator, n: int) -> list[dict[str, Any]] | None:
     sizes = [str(rng.choice(["small", "large"]))] if n == 1 else ["large"] + ["small"] * (n - 1)
     objects: list[dict[str, Any]] = []
     for size in sizes:
-        r = float(rng.uniform(*SIZE_RADIUS[size]))
+        r = round(float(rng.uniform(*SIZE_RADIUS[size])), 2)
         for _ in range(50):
-            x, y = (float(v) for v in rng.uniform(r + 0.5, IMAGE_SIZE - r - 0.5, size=2))
+            x, y = (round(float(v), 2) for v in rng.uniform(r + 1.0, IMAGE_SIZE - r - 1.0, size=2))
             apart = all(max(abs(x - o["x"]), abs(y - o["y"])) >= r + o["r"] + GAP for o in objects)
             if apart and (not objects or _relation(objects[0], {"x": x, "y": y}) is not None):
-                objects.append({"size": size, "r": round(r, 2), "x": round(x, 2), "y": round(y, 2)})
+                objects.append({"size": size, "r": r, "x": x, "y": y})
                 break
         else:
             return None
     return objects
 
 
-def _shapes_scene(rng: np.random.Generator) -> tuple[np.ndarray, str, int, dict[str, Any]]:
+def _shapes_scene(rng: np.random.Generator) -> tuple[Image.Image, str, int, dict[str, Any]]:
     n = int(rng.integers(1, 4))
     objects = None
     while objects is None:
@@ -181,14 +192,14 @@ def _shapes_scene(rng: np.random.Generator) -> tuple[np.ndarray, str, int, dict[
     dark = bool(rng.random() < 0.5)
     level = rng.integers(*(DARK_BACKGROUND if dark else LIGHT_BACKGROUND))
     background = np.clip(level + rng.integers(-8, 9, size=3), 0, 255)
-    canvas = np.empty((IMAGE_SIZE * SUPERSAMPLE, IMAGE_SIZE * SUPERSAMPLE, 3), dtype=np.float32)
+    canvas = np.empty((IMAGE_SIZE * SUPERSAMPLE, IMAGE_SIZE * SUPERSAMPLE, 3), dtype=np.uint8)
     canvas[:] = background
     for obj in objects:
-        rgb = np.clip(np.array(COLOURS[obj["colour"]]) + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3), 0, 255)
+        rgb = np.clip(
+            np.array(COLOURS[obj["colour"]]) + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3), 0, 255
+        )
         canvas[_shape_mask(obj["shape"], obj["x"], obj["y"], obj["r"])] = rgb
-    s = SUPERSAMPLE
-    image = canvas.reshape(IMAGE_SIZE, s, IMAGE_SIZE, s, 3).mean(axis=(1, 3))
-    image = np.round(image).astype(np.uint8)
+    image = Image.fromarray(canvas, mode="RGB").reduce(SUPERSAMPLE)  # box filter: antialiasing
 
     anchor, others = objects[0], objects[1:]
     caption = _phrase(anchor)
@@ -226,7 +237,18 @@ def _generate_shapes(out: Path, seed: int, size: str) -> dict[str, Any]:
 
 # ============================================================================================ spoken
 COMMANDS: tuple[str, ...] = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
-DIGIT_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGIT_WORDS: tuple[str, ...] = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+)
 BASE_VOICES: tuple[str, ...] = ("en", "en-us", "en-gb-x-rp")
 TRAIN_VARIANTS: tuple[str, ...] = ("", "m1", "m2", "m3", "m4", "m5", "m6", "f1", "f2", "f3", "f4")
 HELDOUT_VARIANTS: tuple[str, ...] = ("f5", "m7")  # never in train/val/test: the ``heldout`` split
@@ -244,13 +266,18 @@ def _voices(variants: tuple[str, ...]) -> list[str]:
     return [base + (f"+{v}" if v else "") for base in BASE_VOICES for v in variants]
 
 
-def _spoken_clip(tts: Any, spec: dict[str, Any]) -> np.ndarray:
-    """Synthesise, trim, pad, mix noise and resample one clip described by ``spec``."""
+def _spoken_clip(tts: Any, spec: dict[str, Any]) -> tuple[np.ndarray, int]:
+    """Synthesise, trim, resample, pad and add noise to one clip; returns it and the rate used.
+
+    Speech longer than 90% of MAX_SECONDS is synthesised again 15% faster.
+    """
     import soxr
 
     rate = spec["rate"]
     while True:
-        wave = tts.synthesize(spec["text"], voice=spec["voice"], rate=rate, pitch=spec["pitch"], seed=spec["seed"])
+        wave = tts.synthesize(
+            spec["text"], voice=spec["voice"], rate=rate, pitch=spec["pitch"], seed=spec["seed"]
+        )
         voiced = np.flatnonzero(np.abs(wave) > SILENCE_THRESHOLD)
         if voiced.size == 0:
             raise RuntimeError(f"espeak-ng produced silence for {spec}")
@@ -267,7 +294,7 @@ def _spoken_clip(tts: Any, spec: dict[str, Any]) -> np.ndarray:
     power = float(np.mean(wave[lead : len(wave) - tail] ** 2))
     noise = rng.standard_normal(len(wave)).astype(np.float32) * math.sqrt(power / 10 ** (spec["snr_db"] / 10))
     wave = wave + noise
-    return wave * (spec["peak"] / max(float(np.abs(wave).max()), 1e-6))
+    return wave * (spec["peak"] / max(float(np.abs(wave).max()), 1e-6)), rate
 
 
 def _spoken_specs(seed: int, split_index: int, count: int, voices: list[str]) -> list[dict[str, Any]]:
@@ -294,28 +321,31 @@ def _spoken_specs(seed: int, split_index: int, count: int, voices: list[str]) ->
 
 
 def _generate_spoken(out: Path, seed: int, size: str) -> dict[str, Any]:
-    from .espeak import Espeak
+    from .espeak import EspeakProcess
 
-    tts = Espeak()
     train_voices, heldout_voices = _voices(TRAIN_VARIANTS), _voices(HELDOUT_VARIANTS)
     splits = {}
-    for split_index, (split, count) in enumerate(COUNTS["spoken"][size].items()):
-        specs = _spoken_specs(seed, split_index, count, heldout_voices if split == "heldout" else train_voices)
+    with EspeakProcess() as tts:  # a fresh library for each generation, all splits in order
+        for split_index, (split, count) in enumerate(COUNTS["spoken"][size].items()):
+            specs = _spoken_specs(
+                seed, split_index, count, heldout_voices if split == "heldout" else train_voices
+            )
 
-        def samples(specs: list[dict[str, Any]] = specs, split: str = split) -> Iterator[dict]:
-            for i, spec in enumerate(specs):
-                wave = _spoken_clip(tts, spec)
-                meta = {k: spec[k] for k in ("voice", "rate", "pitch", "snr_db", "seed")}
-                meta["seconds"] = round(len(wave) / SAMPLE_RATE, 4)
-                yield {
-                    "__key__": f"spoken-{split}-{i:06d}",
-                    "wav": encode_wav(wave, SAMPLE_RATE),
-                    "txt": spec["text"],
-                    "cls": str(spec["label"]),
-                    "json": _meta(meta),
-                }
+            def samples(specs: list[dict[str, Any]] = specs, split: str = split) -> Iterator[dict]:
+                for i, spec in enumerate(specs):
+                    wave, rate = _spoken_clip(tts, spec)
+                    meta = {k: spec[k] for k in ("voice", "pitch", "snr_db", "seed")}
+                    meta["rate"] = rate
+                    meta["seconds"] = round(len(wave) / SAMPLE_RATE, 4)
+                    yield {
+                        "__key__": f"spoken-{split}-{i:06d}",
+                        "wav": encode_wav(wave, SAMPLE_RATE),
+                        "txt": spec["text"],
+                        "cls": str(spec["label"]),
+                        "json": _meta(meta),
+                    }
 
-        splits[split] = _write_split(out, split, samples(), count)
+            splits[split] = _write_split(out, split, samples(), count)
     return make_info(
         splits,
         ["audio", "text", "label"],
@@ -329,11 +359,11 @@ def _generate_spoken(out: Path, seed: int, size: str) -> dict[str, Any]:
 
 # ============================================================================================ digits
 def _digit_image(pixels: np.ndarray) -> np.ndarray:
-    """An 8x8 digit (0-16) -> 32x32 uint8, bicubic, stretched to the full 0-255 range."""
+    """An 8x8 digit (0-16) -> 32x32 uint8, bicubic, stretched so the brightest pixel is 255."""
     small = Image.fromarray((pixels.reshape(8, 8) * (255.0 / 16.0)).astype(np.float32), mode="F")
     big = np.asarray(small.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC), dtype=np.float32)
-    lo, hi = float(big.min()), float(big.max())
-    return np.round((big - lo) * (255.0 / max(hi - lo, 1e-6))).astype(np.uint8)
+    big = np.clip(big, 0.0, None)  # bicubic undershoot; the background stays 0
+    return np.round(big * (255.0 / max(float(big.max()), 1e-6))).astype(np.uint8)
 
 
 def _digits_split(labels: np.ndarray, seed: int, size: str) -> dict[str, np.ndarray]:
@@ -393,7 +423,9 @@ GENERATORS: dict[str, Callable[[Path, int, str], dict[str, Any]]] = {
 
 
 def _source(name: str, seed: int, size: str) -> str:
-    return f"demo:{name} (generated by datamodules/demo.py, seed {seed}, size {size}, format v{FORMAT_VERSION})"
+    return (
+        f"demo:{name} (generated by datamodules/demo.py, seed {seed}, size {size}, format v{FORMAT_VERSION})"
+    )
 
 
 def _check_args(name: str, seed: int, size: str) -> None:
@@ -423,7 +455,9 @@ def _is_complete(folder: Path) -> bool:
         info = read_info(folder)
     except (FileNotFoundError, ValueError):
         return False
-    return all((folder / shard).is_file() for split in info.get("splits", {}).values() for shard in split["shards"])
+    return all(
+        (folder / shard).is_file() for split in info.get("splits", {}).values() for shard in split["shards"]
+    )
 
 
 def demo_root(
@@ -458,4 +492,3 @@ def demo_root(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final
-

@@ -9,16 +9,17 @@ espeak-ng keeps global state, so there is one library instance per process: it i
 lazily on first use and shared by every :class:`Espeak` object, and calls are serialised with a
 lock.
 
-Reproducibility. Seeding espeak-ng's noise generator and libc's ``rand`` is not enough: the
-waveform generator carries state from one utterance to the next (pitch-flutter phase, glottal
-phase, echo buffer, frame pools), so the same text came out slightly different on every call.
-To make a clip depend only on its arguments, the library's static variables that synthesis
-changes are found once at start-up (from the ELF symbol table of the shared library, comparing
-them before and after calibration utterances with a fixed voice) and written back to their
-post-warm-up values before every clip; the voice is then re-selected, which resets the voice's
-own state. A self-check confirms it; where it cannot work (no symbol table, not ELF) the binding
-still runs and :attr:`Espeak.reproducible` is ``False`` (clips then depend on the calls before
-them in the process).
+Determinism contract. Before every clip espeak-ng's noise generator (``espeak_ng_SetRandSeed``:
+breath noise of the breathy variants) and libc's ``rand`` are seeded from ``seed``, but that does
+not make a clip a function of its arguments alone: the library carries internal state from one
+utterance to the next (pitch flutter, glottal phase, echo buffer, ...), which it offers no way
+to reset. What holds is weaker: the samples are a deterministic function of the whole sequence
+of calls made since the library was loaded in this process. Repeating a call later in the same
+process may therefore give slightly different samples. Reproducible data comes from running a
+fixed sequence of calls in a fresh process: :class:`EspeakProcess` does that, running the
+library in a child process of its own (which imports this file, numpy and espeakng_loader;
+not the ``datamodules`` package, whose import costs seconds of torch) and forwarding
+each :meth:`~EspeakProcess.synthesize` to it.
 """
 
 from __future__ import annotations
@@ -27,16 +28,18 @@ import ctypes
 import ctypes.util
 import hashlib
 import os
-import struct
+import pickle
+import subprocess
 import sys
 import tempfile
 import threading
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
-__all__ = ["Espeak", "list_variants"]
+__all__ = ["Espeak", "EspeakProcess", "list_variants"]
 
 # Constants of speak_lib.h.
 AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -53,24 +56,19 @@ DEFAULT_RATE = 170
 DEFAULT_PITCH = 50
 # espeak-ng copies the data path into a fixed 160-byte buffer and silently truncates longer ones.
 MAX_DATA_PATH = 120
-WARMUP_TEXT = "warm up."
-CALIBRATION_TEXTS = (
-    "yes no up down left right on off stop go.",
-    "zero one two three four five six seven eight nine, stop; go!",
-    "go three one",
-    "off zero eight",
-)
-CALIBRATION_VOICES = ("en-us+f5", "en-gb-x-rp+m3", "en")
 INSTALL_HINT = 'pip install -e ".[demo]"'
+CHILD_STOP_TIMEOUT = 10.0  # seconds a child process gets to exit after its input closes
 
 # int (t_espeak_callback)(short *wav, int numsamples, espeak_EVENT *events)
-_SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+_SYNTH_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+)
 
 
 def _loader() -> Any:
     try:
         import espeakng_loader
-    except ImportError as err:  # pragma: no cover - depends on the environment
+    except ImportError as err:
         raise ImportError(
             f"the spoken demo data needs espeak-ng from the 'espeakng-loader' package: {INSTALL_HINT}"
         ) from err
@@ -99,39 +97,6 @@ def _short_data_path(data_path: str) -> str:
     return str(link)
 
 
-def _elf_symbols(path: str) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
-    """``(functions, writable_objects)`` of a little-endian ELF64 file's ``.symtab``.
-
-    ``functions``: name -> address; ``writable_objects``: name -> (address, size) of the data
-    objects in writable sections (``.data``, ``.bss``). Empty dicts when not ELF64 or stripped.
-    """
-    with open(path, "rb") as f:
-        blob = f.read()
-    if blob[:4] != b"\x7fELF" or blob[4] != 2 or blob[5] != 1:  # ELF, 64-bit, little-endian
-        return {}, {}
-    (shoff,) = struct.unpack_from("<Q", blob, 0x28)
-    shentsize, shnum = struct.unpack_from("<HH", blob, 0x3A)
-    # (name, type, flags, addr, offset, size, link, info, addralign, entsize)
-    sections = [struct.unpack_from("<IIQQQQIIQQ", blob, shoff + i * shentsize) for i in range(shnum)]
-    sht_symtab, shf_write, stt_object, stt_func = 2, 0x1, 1, 2
-    functions: dict[str, int] = {}
-    objects: dict[str, tuple[int, int]] = {}
-    for sec in sections:
-        if sec[1] != sht_symtab:
-            continue
-        strtab_offset = sections[sec[6]][4]
-        for off in range(sec[4], sec[4] + sec[5], 24):
-            name_off, info, _other, shndx, value, size = struct.unpack_from("<IBBHQQ", blob, off)
-            start = strtab_offset + name_off
-            name = blob[start : blob.index(b"\0", start)].decode("utf-8", "replace")
-            kind = info & 0xF
-            if kind == stt_func and value:
-                functions[name] = value
-            elif kind == stt_object and size and 0 < shndx < shnum and sections[shndx][2] & shf_write:
-                objects[name] = (value, size)
-    return functions, objects
-
-
 def list_variants() -> list[str]:
     """Names of the voice variants (``m1``, ``f5``, ...) in the installed espeak-ng data."""
     folder = Path(_loader().get_data_path()) / "voices" / "!v"
@@ -147,9 +112,8 @@ class _Library:
     def __init__(self) -> None:
         loader = _loader()
         self.data_path = loader.get_data_path()
-        self.library_path = loader.get_library_path()
         self.variants = frozenset(list_variants())
-        lib = ctypes.CDLL(self.library_path)
+        lib = ctypes.CDLL(loader.get_library_path())
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.espeak_Initialize.restype = ctypes.c_int
         lib.espeak_SetSynthCallback.argtypes = [_SYNTH_CALLBACK]
@@ -171,18 +135,22 @@ class _Library:
         lib.espeak_Synth.restype = ctypes.c_int
         lib.espeak_Synchronize.argtypes = []
         lib.espeak_Synchronize.restype = ctypes.c_int
-        lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
-        lib.espeak_ng_SetRandSeed.restype = ctypes.c_int
+        self._set_rand_seed = getattr(lib, "espeak_ng_SetRandSeed", None)  # absent from old espeak-ng builds
+        if self._set_rand_seed is not None:
+            self._set_rand_seed.argtypes = [ctypes.c_long]
+            self._set_rand_seed.restype = ctypes.c_int
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
         libc.srand.argtypes = [ctypes.c_uint]
         libc.srand.restype = None
         self.lib, self.libc = lib, libc
         self.lock = threading.Lock()
         self._chunks: list[bytes] = []
-        self._state: list[tuple[int, bytes]] = []  # (address, bytes) written back before each clip
 
         rate = lib.espeak_Initialize(
-            AUDIO_OUTPUT_SYNCHRONOUS, BUFFER_MS, _short_data_path(self.data_path).encode(), ESPEAK_INITIALIZE_DONT_EXIT
+            AUDIO_OUTPUT_SYNCHRONOUS,
+            BUFFER_MS,
+            _short_data_path(self.data_path).encode(),
+            ESPEAK_INITIALIZE_DONT_EXIT,
         )
         self.sample_rate = int(rate) if rate > 0 else DEFAULT_SAMPLE_RATE
         self._callback = _SYNTH_CALLBACK(self._on_samples)  # keep referenced: C holds the pointer
@@ -190,7 +158,6 @@ class _Library:
         # With DONT_EXIT a failed initialisation returns normally; the first voice tells.
         if rate <= 0 or lib.espeak_SetVoiceByName(b"en") != EE_OK:
             raise RuntimeError(f"espeak-ng failed to initialise with its data at {self.data_path}")
-        self.reproducible = self._calibrate()
 
     @classmethod
     def get(cls) -> _Library:
@@ -205,56 +172,6 @@ class _Library:
             self._chunks.append(ctypes.string_at(wav, numsamples * ctypes.sizeof(ctypes.c_short)))
         return 0  # 0: continue synthesis
 
-    # ------------------------------------------------------------------ reproducibility
-    def _calibrate(self) -> bool:
-        """Find the synthesis state to reset before each clip (see the module docstring)."""
-        if not sys.platform.startswith("linux"):
-            return False
-        try:
-            functions, objects = _elf_symbols(self.library_path)
-        except (OSError, struct.error, ValueError):
-            return False
-        if "espeak_Synth" not in functions or not objects:
-            return False
-        base = ctypes.cast(self.lib.espeak_Synth, ctypes.c_void_p).value - functions["espeak_Synth"]
-        regions = [(base + addr, size) for addr, size in objects.values()]
-
-        def snapshot() -> list[bytes]:
-            return [ctypes.string_at(addr, size) for addr, size in regions]
-
-        # The first utterance initialises things lazily (text decoder, buffers: heap pointers
-        # that must never be written back) and is not compared. After it, keep the symbols that
-        # synthesis changes (not those only selecting a voice changes, such as the translator:
-        # the voice is re-selected after the reset). Ring buffers stay consistent as their
-        # head and tail are both written back while the queue is empty.
-        synth_changed: set[int] = set()
-        self._setup("en", DEFAULT_RATE, DEFAULT_PITCH, 0)
-        self._synth(WARMUP_TEXT)
-        reference = snapshot()
-        for i, text in enumerate(CALIBRATION_TEXTS):
-            try:
-                self._setup(CALIBRATION_VOICES[i % len(CALIBRATION_VOICES)], 150 + 20 * i, 40 + 10 * i, i)
-            except ValueError:  # a variant missing from this espeak-ng build
-                self._setup("en", 150 + 20 * i, 40 + 10 * i, i)
-            selected = snapshot()
-            self._synth(text)
-            after = snapshot()
-            synth_changed.update(j for j in range(len(regions)) if selected[j] != after[j])
-        self._state = [(regions[j][0], reference[j]) for j in sorted(synth_changed)]
-        # Self-check: a clip must not depend on what was synthesised before it.
-        probe = ("go three one", "en-us+f2", 150, 40, 7)
-        first = self.synthesize(*probe)
-        self.synthesize("stop; left nine", "en-gb-x-rp+m3", 200, 70, 3)
-        if not np.array_equal(first, self.synthesize(*probe)):
-            self._state = []
-            return False
-        return True
-
-    def _reset_state(self) -> None:
-        for addr, data in self._state:
-            ctypes.memmove(addr, data, len(data))
-
-    # ------------------------------------------------------------------ synthesis
     def _select_voice(self, voice: str) -> None:
         base, _, variant = voice.partition("+")
         if variant and variant not in self.variants:
@@ -265,64 +182,218 @@ class _Library:
         if not base or self.lib.espeak_SetVoiceByName(voice.encode()) != EE_OK:
             raise ValueError(f"unknown espeak-ng voice {voice!r} (e.g. 'en', 'en-us+f3', 'en-gb-x-rp+m2')")
 
-    def _setup(self, voice: str, rate: int, pitch: int, seed: int) -> None:
-        self._select_voice(voice)  # re-selected every clip: resets the voice's own state (echo, ...)
-        for param, value in ((ESPEAK_RATE, rate), (ESPEAK_PITCH, pitch)):
-            if self.lib.espeak_SetParameter(param, int(value), 0) != EE_OK:
-                raise ValueError(f"espeak-ng rejected parameter {param} = {value}")
-        self.lib.espeak_ng_SetRandSeed(int(seed))
-        self.libc.srand(int(seed) & 0xFFFFFFFF)
-
-    def _synth(self, text: str) -> bytes:
+    def synthesize(self, text: str, voice: str, rate: int, pitch: int, seed: int) -> bytes:
+        """Little-endian int16 samples (native order) of ``text``."""
         data = text.encode("utf-8") + b"\0"
-        buf = ctypes.create_string_buffer(data, len(data))
-        self._chunks = []
-        try:
-            err = self.lib.espeak_Synth(buf, len(data), 0, POS_CHARACTER, 0, ESPEAK_CHARS_UTF8, None, None)
-            if err != EE_OK:
-                raise RuntimeError(f"espeak_Synth failed with code {err} for text {text!r}")
-            self.lib.espeak_Synchronize()
-            return b"".join(self._chunks)
-        finally:
-            self._chunks = []
-
-    def synthesize(self, text: str, voice: str, rate: int, pitch: int, seed: int) -> np.ndarray:
         with self.lock:
-            self._reset_state()
-            self._setup(voice, rate, pitch, seed)
-            pcm = self._synth(text)
-        return np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0
+            self._select_voice(voice)
+            for param, value in ((ESPEAK_RATE, rate), (ESPEAK_PITCH, pitch)):
+                if self.lib.espeak_SetParameter(param, int(value), 0) != EE_OK:
+                    raise ValueError(f"espeak-ng rejected parameter {param} = {value}")
+            if self._set_rand_seed is not None:
+                self._set_rand_seed(int(seed))
+            self.libc.srand(int(seed) & 0xFFFFFFFF)
+            buf = ctypes.create_string_buffer(data, len(data))
+            self._chunks = []
+            try:
+                err = self.lib.espeak_Synth(
+                    buf, len(data), 0, POS_CHARACTER, 0, ESPEAK_CHARS_UTF8, None, None
+                )
+                if err != EE_OK:
+                    raise RuntimeError(f"espeak_Synth failed with code {err} for text {text!r}")
+                self.lib.espeak_Synchronize()
+                return b"".join(self._chunks)
+            finally:
+                self._chunks = []
+
+
+def _check_text(text: str) -> None:
+    if not text.strip():
+        raise ValueError("nothing to synthesize: empty text")
+
+
+def _to_float(pcm: bytes) -> np.ndarray:
+    return np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0
 
 
 class Espeak:
-    """Text to speech with espeak-ng.
+    """Text to speech with espeak-ng, in this process.
 
     >>> tts = Espeak()
     >>> wave = tts.synthesize("go three one", voice="en-us+f3", rate=170, pitch=50, seed=0)
 
     ``voice`` is an espeak-ng voice name (``en``, ``en-us``, ``en-gb-x-rp``, ...) with an optional
     ``+variant`` (see :func:`list_variants`). Raises ImportError (with the install hint) when
-    ``espeakng-loader`` is missing.
+    ``espeakng-loader`` is missing. Every ``Espeak`` of a process shares one library instance,
+    so a clip also depends on all the calls made before it in this process (see the module
+    docs); use :class:`EspeakProcess` for reproducible sequences.
     """
 
     sample_rate: int = DEFAULT_SAMPLE_RATE
     """Output rate in Hz (what the library reports; 22050 for espeak-ng)."""
-    reproducible: bool = True
-    """Whether a clip depends only on the arguments of :meth:`synthesize` (see the module docs)."""
 
     def __init__(self) -> None:
         self._lib = _Library.get()
         self.sample_rate = self._lib.sample_rate
-        self.reproducible = self._lib.reproducible
 
     def synthesize(
-        self, text: str, voice: str = "en", rate: int = DEFAULT_RATE, pitch: int = DEFAULT_PITCH, seed: int = 0
+        self,
+        text: str,
+        voice: str = "en",
+        rate: int = DEFAULT_RATE,
+        pitch: int = DEFAULT_PITCH,
+        seed: int = 0,
     ) -> np.ndarray:
         """Float32 mono waveform in [-1, 1] at :attr:`sample_rate`.
 
         ``rate`` in words per minute (80-450), ``pitch`` 0-100 (50: the voice's normal pitch),
-        ``seed`` for espeak-ng's noise sources. A bad voice name raises ValueError.
+        ``seed`` for espeak-ng's random sources (breath noise). A bad voice name raises
+        ValueError.
         """
-        if not text.strip():
-            raise ValueError("nothing to synthesize: empty text")
-        return self._lib.synthesize(text, voice, rate, pitch, seed)
+        _check_text(text)
+        return _to_float(self._lib.synthesize(text, voice, int(rate), int(pitch), int(seed)))
+
+
+# ---------------------------------------------------------------------------------- child process
+# The child runs this file by path, not ``datamodules.espeak``: importing the package would
+# import torch and lightning (seconds) for nothing. ``sys.path[0]`` (the working folder under
+# ``-c``) is dropped so that no file there can shadow numpy or espeakng_loader.
+_CHILD_CODE = """\
+import sys
+if sys.path and sys.path[0] in ("", "."):
+    del sys.path[0]
+import importlib.util
+spec = importlib.util.spec_from_file_location("_espeak_child", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = module
+spec.loader.exec_module(module)
+module._serve()
+"""
+_ERRORS: dict[str, type[Exception]] = {"ValueError": ValueError, "ImportError": ImportError}
+
+
+def _send(stream: IO[bytes], message: Any) -> None:
+    pickle.dump(message, stream, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.flush()
+
+
+def _serve() -> None:
+    """The child's loop: one reply per request read from stdin, until stdin closes.
+
+    Replies go to a private copy of stdout; fd 1 itself is pointed at stderr so anything the
+    library prints cannot corrupt them. Replies: ``("ready", sample_rate)`` once, then
+    ``("ok", pcm_bytes)`` or ``("error", exception_name, message)`` per request.
+    """
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    requests = sys.stdin.buffer
+    try:
+        lib = _Library.get()
+    except Exception as err:  # reported to the parent, which raises it
+        _send(replies, ("error", type(err).__name__, str(err)))
+        return
+    _send(replies, ("ready", lib.sample_rate))
+    while True:
+        try:
+            text, voice, rate, pitch, seed = pickle.load(requests)
+        except EOFError:
+            return
+        try:
+            _send(replies, ("ok", lib.synthesize(text, voice, rate, pitch, seed)))
+        except (ValueError, RuntimeError) as err:
+            _send(replies, ("error", type(err).__name__, str(err)))
+
+
+def _stop_child(proc: subprocess.Popen, log: IO[bytes]) -> None:
+    """Close the child's input (it then exits), wait for it, kill it if it does not."""
+    try:
+        if proc.stdin is not None:
+            proc.stdin.close()
+    except OSError:
+        pass
+    try:
+        proc.wait(timeout=CHILD_STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+    log.close()
+
+
+class EspeakProcess:
+    """Text to speech with espeak-ng in a fresh child process: reproducible call sequences.
+
+    >>> with EspeakProcess() as tts:
+    ...     wave = tts.synthesize("go three one", voice="en-us+f3", rate=170, pitch=50, seed=0)
+
+    Same arguments and errors as :class:`Espeak`. Each instance starts its own child, which
+    loads the library afresh, so two instances given the same sequence of
+    :meth:`synthesize` calls return the same samples, whatever else ran in this process.
+    Close it (or use it as a context manager) to end the child.
+    """
+
+    sample_rate: int = DEFAULT_SAMPLE_RATE
+
+    def __init__(self) -> None:
+        _loader()  # a missing package raises the install hint here, before any child starts
+        if not sys.executable:
+            raise RuntimeError("cannot start the espeak-ng child process: sys.executable is unknown")
+        self._lock = threading.Lock()
+        self._log = tempfile.TemporaryFile()  # the child's stderr, quoted when it fails
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD_CODE, str(Path(__file__).resolve())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+        )
+        self._finalizer = weakref.finalize(self, _stop_child, self._proc, self._log)
+        try:
+            self.sample_rate = int(self._receive())
+        except BaseException:
+            self.close()
+            raise
+
+    def _receive(self) -> Any:
+        try:
+            reply = pickle.load(self._proc.stdout)
+        except (EOFError, pickle.UnpicklingError, OSError) as err:
+            self._proc.poll()
+            self._log.seek(0)
+            log = self._log.read()[-2000:].decode("utf-8", "replace").strip()
+            raise RuntimeError(
+                f"the espeak-ng child process failed (exit code {self._proc.returncode})"
+                + (f":\n{log}" if log else "")
+            ) from err
+        if reply[0] == "error":
+            raise _ERRORS.get(reply[1], RuntimeError)(reply[2])
+        return reply[1]
+
+    def synthesize(
+        self,
+        text: str,
+        voice: str = "en",
+        rate: int = DEFAULT_RATE,
+        pitch: int = DEFAULT_PITCH,
+        seed: int = 0,
+    ) -> np.ndarray:
+        """Float32 mono waveform in [-1, 1] at :attr:`sample_rate` (see :meth:`Espeak.synthesize`)."""
+        _check_text(text)
+        with self._lock:
+            if not self._finalizer.alive:
+                raise RuntimeError("this EspeakProcess is closed")
+            try:
+                _send(self._proc.stdin, (str(text), str(voice), int(rate), int(pitch), int(seed)))
+            except OSError as err:  # the child died: _receive says why
+                raise RuntimeError(f"the espeak-ng child process is gone ({err})") from err
+            return _to_float(self._receive())
+
+    def close(self) -> None:
+        """End the child process (idempotent)."""
+        self._finalizer()
+
+    def __enter__(self) -> EspeakProcess:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
