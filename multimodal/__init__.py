@@ -6,8 +6,13 @@ Never imports ``tasks`` or ``datamodules``.
 from .audio_codec import AudioCodec
 from .backbone import Backbone, Tokens
 from .checkpoint import load_backbone
+from .diffusion import GaussianDiffusion
+from .dit import DiffusionTransformer
 from .fsq import FSQ
 from .image_codec import ImageCodec
 from .quantizer import VectorQuantizer
 
-__all__ = ["AudioCodec", "Backbone", "FSQ", "ImageCodec", "Tokens", "VectorQuantizer", "load_backbone"]
+__all__ = [
+    "AudioCodec", "Backbone", "DiffusionTransformer", "FSQ", "GaussianDiffusion", "ImageCodec", "Tokens",
+    "VectorQuantizer", "load_backbone",
+]

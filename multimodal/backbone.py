@@ -35,12 +35,35 @@ class Backbone(nn.Module):
     quantizer: the shared quantizer (``VectorQuantizer`` or ``FSQ``): ``forward(z, mask)``.
     codecs: ``{modality: codec}`` with ``modality`` in (``image``, ``audio``).
     trunk: the diffusion transformer (stage 2), or None for a tokenizer-only backbone.
+    tokenizer_ckpt: instead of ``quantizer`` and ``codecs``, take both (configuration and weights)
+        from a stage-1 checkpoint file or run folder (its newest last.ckpt).
+    freeze_tokenizer: keep codecs and quantizer frozen (no gradient, always in eval mode), as
+        stage 2 wants; default: frozen when they come from ``tokenizer_ckpt``.
     """
 
     MODALITIES = ("image", "audio")
 
-    def __init__(self, quantizer: nn.Module, codecs: dict[str, nn.Module], trunk: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        quantizer: nn.Module | None = None,
+        codecs: dict[str, nn.Module] | None = None,
+        trunk: nn.Module | None = None,
+        tokenizer_ckpt: str | None = None,
+        freeze_tokenizer: bool | None = None,
+    ) -> None:
         super().__init__()
+        state = None
+        if tokenizer_ckpt is not None:
+            if quantizer is not None or codecs:
+                raise ValueError("model.backbone: give either tokenizer_ckpt or quantizer + codecs, not both")
+            from .checkpoint import backbone_config, backbone_state, build_backbone, read_checkpoint
+
+            checkpoint = read_checkpoint(tokenizer_ckpt)
+            stage1 = build_backbone(backbone_config(checkpoint))
+            quantizer, codecs = stage1.quantizer, dict(stage1.codecs)
+            state = {k: v for k, v in backbone_state(checkpoint).items() if not k.startswith("trunk.")}
+        if quantizer is None:
+            raise ValueError("model.backbone.quantizer is missing (or give model.backbone.tokenizer_ckpt)")
         if not codecs:
             raise ValueError("backbone.codecs is empty: give at least one of 'image', 'audio'")
         for name, codec in codecs.items():
@@ -54,6 +77,20 @@ class Backbone(nn.Module):
         self.quantizer = quantizer
         self.codecs = nn.ModuleDict(codecs)
         self.trunk = trunk
+        if state is not None:
+            self.load_state_dict(state, strict=False)
+        self.freeze_tokenizer = tokenizer_ckpt is not None if freeze_tokenizer is None else freeze_tokenizer
+        if self.freeze_tokenizer:
+            self.quantizer.requires_grad_(False)
+            self.codecs.requires_grad_(False)
+            self.train(self.training)
+
+    def train(self, mode: bool = True) -> Backbone:
+        super().train(mode)
+        if getattr(self, "freeze_tokenizer", False):
+            self.quantizer.eval()
+            self.codecs.eval()
+        return self
 
     @property
     def num_codes(self) -> int:
@@ -89,6 +126,20 @@ class Backbone(nn.Module):
         """Quantized latents [B, N, D] -> image [B, C, H, W] or log-mel [B, n_mels, frames]."""
         codec = self.codec(modality)
         return codec.decode(quantized, lengths) if modality == "audio" else codec.decode(quantized)
+
+    @torch.no_grad()
+    def snap_to_codebook(self, latents: Tensor) -> Tensor:
+        """Continuous latents [B, N, D] (e.g. sampled by the diffusion) -> nearest code vectors [B, N, D]."""
+        return self.quantizer.lookup(self.quantizer.encode(latents))
+
+    @torch.no_grad()
+    def quantized_latents(self, modality: str, x: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The clean latents the trunk models: code vectors [B, N, D] and token lengths [B].
+
+        A pure lookup (no codebook update, no gradient): stage 2 trains on a frozen tokenizer.
+        """
+        z, token_lengths = self.encode(modality, x, lengths)
+        return self.snap_to_codebook(z), token_lengths
 
     @torch.no_grad()
     def encode_codes(self, modality: str, x: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -12,6 +12,7 @@ configuration, ``class_path`` entries included, in ``hyper_parameters``). Loadin
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,8 +23,22 @@ from .backbone import Backbone
 PREFIX = "backbone."
 
 
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or a run folder: then its newest ``last.ckpt`` (by modification time)."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise FileNotFoundError(f"no last.ckpt under {path}: train that stage first")
+        return found[-1]
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """``torch.load(weights_only=True)`` of a checkpoint file or a run folder's newest last.ckpt."""
+    return torch.load(resolve_checkpoint(path), map_location=map_location, weights_only=True)
 
 
 def backbone_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -44,10 +59,15 @@ def build_backbone(config: dict[str, Any]) -> Backbone:
     return parser.instantiate_classes(parser.parse_object({"backbone": config})).backbone
 
 
+def backbone_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    return {k[len(PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(PREFIX)}
+
+
 def load_backbone(path: str | os.PathLike, map_location: str | torch.device = "cpu", eval_mode: bool = True) -> Backbone:
-    """Build the backbone a checkpoint was trained with and load its weights (strictly)."""
+    """Build the backbone a checkpoint was trained with and load its weights (strictly).
+
+    ``path``: a checkpoint file or a run folder (its newest last.ckpt)."""
     checkpoint = read_checkpoint(path, map_location)
     backbone = build_backbone(backbone_config(checkpoint))
-    state = {k[len(PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(PREFIX)}
-    backbone.load_state_dict(state, strict=True)
+    backbone.load_state_dict(backbone_state(checkpoint), strict=True)
     return backbone.eval() if eval_mode else backbone

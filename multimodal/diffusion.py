@@ -263,6 +263,7 @@ class GaussianDiffusion(nn.Module):
         x_mask: Tensor | None = None,
         noise: Tensor | None = None,
         device: torch.device | str | None = None,
+        clip_denoised: float | None = None,
         **model_kwargs: Any,
     ) -> Tensor:
         """Draw latents of ``shape`` [B, N, D] -> RAW (unnormalised) latents [B, N, D].
@@ -273,6 +274,9 @@ class GaussianDiffusion(nn.Module):
         ``model_fn.forward_with_cfg``, both halves in one batch). The same ``generator`` state gives
         the same samples. ``noise`` (optional) replaces the initial Gaussian draw. Padded positions
         (``x_mask`` False) come back as 0. ``device`` defaults to the buffers' device.
+        ``clip_denoised`` (diffusion samplers) clamps every x0 estimate to [-c, c] in normalised
+        space: it tames eps prediction where abar_t ~ 0 (cosine schedule), where x0 = (x - b eps) / a
+        amplifies the model's error by 1 / sqrt(abar_t).
         """
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"sample: steps must be a positive integer, got {steps!r}")
@@ -280,6 +284,8 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"sample: guidance must be >= 0, got {guidance!r}")
         if not eta >= 0:
             raise ValueError(f"sample: eta must be >= 0, got {eta!r}")
+        if clip_denoised is not None and not clip_denoised > 0:
+            raise ValueError(f"sample: clip_denoised must be positive or None, got {clip_denoised!r}")
         sampler = sampler or SAMPLERS[self.objective][0]
         if sampler not in SAMPLERS[self.objective]:
             raise ValueError(f"sample: sampler must be one of {SAMPLERS[self.objective]} for "
@@ -311,13 +317,13 @@ class GaussianDiffusion(nn.Module):
             for i, t_now in enumerate(timesteps):
                 t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
                 t = torch.full((B,), t_now, dtype=torch.long, device=device)
-                x = self._step(sampler, x, predict(x, t).float(), t_now, t_prev, eta, randn)
+                x = self._step(sampler, x, predict(x, t).float(), t_now, t_prev, eta, randn, clip_denoised)
         if x_mask is not None:
             x = x * x_mask[..., None].to(x.dtype)
         return self.unnormalize(x)
 
     def _step(self, sampler: str, x: Tensor, out: Tensor, t_now: int, t_prev: int, eta: float,
-              randn: Callable[[tuple[int, ...]], Tensor]) -> Tensor:
+              randn: Callable[[tuple[int, ...]], Tensor], clip: float | None = None) -> Tensor:
         """One reverse step from timestep t_now to t_prev (-1 = clean data) given the model output."""
         abar = self._abar[t_now]
         abar_prev = self._abar[t_prev] if t_prev >= 0 else 1.0
@@ -326,6 +332,9 @@ class GaussianDiffusion(nn.Module):
             x0, eps = a * x - b * out, b * x + a * out
         else:
             x0, eps = (x - b * out) / a, out
+        if clip is not None:  # clamp x0 and make eps consistent with it
+            x0 = x0.clamp(-clip, clip)
+            eps = (x - a * x0) / b
         if t_prev < 0:
             return x0
         if sampler == "ddpm":

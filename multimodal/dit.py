@@ -65,8 +65,8 @@ GRID_MODALITIES = ("image",)  # 2-D token grids; the others are 1-D sequences
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """x [B, S, H]; shift, scale [B, H] -> x * (1 + scale) + shift."""
-    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+    """x [B, S, H]; shift, scale [B, H] -> x * (1 + scale) + shift (one fused addcmul pass over x)."""
+    return torch.addcmul(shift[:, None, :], x, 1 + scale[:, None, :])
 
 
 def patchify(x: Tensor, grid: tuple[int, int], p: int) -> Tensor:
@@ -129,9 +129,15 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + self.drop_path(gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), attn_mask))
-        x = x + self.drop_path(gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+        x = self._residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa), attn_mask))
+        x = self._residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
         return x
+
+    def _residual(self, x: Tensor, gate: Tensor, branch: Tensor) -> Tensor:
+        """x + gate * branch (fused addcmul; stochastic depth drops the gated branch per sample)."""
+        if isinstance(self.drop_path, DropPath) and self.training:
+            return x + self.drop_path(gate[:, None] * branch)
+        return torch.addcmul(x, gate[:, None], branch)
 
 
 class FinalLayer(nn.Module):

@@ -1,7 +1,8 @@
 """LightningModules and task heads; imports ``multimodal`` only."""
 
 from .discriminator import PatchDiscriminator
-from .heads import Head, ReconstructionHead
+from .heads import GenerationHead, Head, ReconstructionHead
+from .judge import JudgeNet
 from .module import MultiTaskModule
 
-__all__ = ["MultiTaskModule", "Head", "ReconstructionHead", "PatchDiscriminator"]
+__all__ = ["MultiTaskModule", "Head", "GenerationHead", "JudgeNet", "ReconstructionHead", "PatchDiscriminator"]

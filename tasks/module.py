@@ -11,6 +11,7 @@ optimizer for the discriminators; the discriminator step uses the raw torch opti
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -19,8 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from multimodal.backbone import Backbone
+from multimodal.checkpoint import read_checkpoint
 from tasks.heads.base import Head
 
+log = logging.getLogger(__name__)
 COUNTS_KEY = "__counts__"  # the data layer's {event: count} per batch (see datamodules.webdata)
 
 
@@ -36,6 +39,11 @@ class MultiTaskModule(L.LightningModule):
     grad_clip: gradient norm clip in manual optimisation (use ``trainer.gradient_clip_val`` otherwise).
     check_finite: raise a clear error when a batch holds NaN/Inf (names the task and key).
     media_every_n_val: write images/audio/text to TensorBoard every n-th validation (0 = never).
+    init_from: a checkpoint to initialise from (weights only; e.g. the stage-1 tokenizer). Backbone
+        weights whose shapes do not match are an error naming the setting; head weights that do not
+        match (a new class list) are reported and skipped.
+    freeze: modules to freeze (no gradient, kept in eval mode): ``codecs``, ``codecs.image``,
+        ``quantizer``, ``trunk``, ``heads.<task>``, or any submodule path of the backbone.
     """
 
     def __init__(
@@ -52,6 +60,8 @@ class MultiTaskModule(L.LightningModule):
         grad_clip: float | None = 1.0,
         check_finite: bool = True,
         media_every_n_val: int = 1,
+        init_from: str | None = None,
+        freeze: list[str] | None = None,
     ) -> None:
         super().__init__()
         if not heads:
@@ -73,10 +83,57 @@ class MultiTaskModule(L.LightningModule):
         self.metrics = nn.ModuleDict(
             {stage: nn.ModuleDict({task: head.build_metrics(backbone) for task, head in heads.items()}) for stage in ("val", "test")}
         )
+        for task, head in heads.items():
+            head.attach(backbone, task)
+        if init_from:
+            self.load_weights(init_from)
+        self.init_from = init_from
+        self.frozen = [self._module(name) for name in (freeze or [])]
+        for module in self.frozen:
+            module.requires_grad_(False)
+            module.eval()
         self.adversarial = any(h.discriminator is not None for h in heads.values())
         self.automatic_optimization = not self.adversarial
-        self._media_done: set[str] = set()
+        self._media_batches: dict[str, dict[str, Any]] = {}
         self._val_count = 0
+
+    # ------------------------------------------------------------------ fine-tuning
+    def _module(self, name: str) -> nn.Module:
+        try:
+            if name.startswith("heads."):
+                return self.heads.get_submodule(name[len("heads."):])
+            return self.backbone.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(f"model.freeze: no module {name!r} (try codecs, quantizer, trunk, heads.<task>)") from err
+
+    def train(self, mode: bool = True) -> MultiTaskModule:
+        super().train(mode)
+        for module in getattr(self, "frozen", []):
+            module.eval()  # frozen modules never switch to training behaviour (e.g. codebook EMA updates)
+        return self
+
+    def load_weights(self, path: str) -> None:
+        """Initialise from a checkpoint's ``state_dict`` (``torch.load(weights_only=True)``)."""
+        state = read_checkpoint(path).get("state_dict")
+        if not isinstance(state, dict):
+            raise ValueError(f"model.init_from={path!r} has no state_dict: not a Lightning checkpoint")
+        own = self.state_dict()
+        mismatched = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape}
+        backbone_bad = {k: v for k, v in mismatched.items() if not k.startswith("heads.")}
+        if backbone_bad:
+            lines = "\n  ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in list(backbone_bad.items())[:10])
+            raise ValueError(
+                f"model.init_from={path!r} does not match model.backbone (codebook size/dimension, codec or trunk "
+                f"settings differ from the checkpoint's):\n  {lines}"
+            )
+        loadable = {k: v for k, v in state.items() if k in own and k not in mismatched}
+        if not loadable:
+            raise ValueError(f"model.init_from={path!r} shares no weights with this model (another model family?)")
+        self.load_state_dict(loadable, strict=False)
+        skipped = sorted(mismatched)
+        fresh = sorted(k for k in own if k not in loadable)
+        self.init_report = {"loaded": len(loadable), "skipped_shape": skipped, "not_in_checkpoint": fresh}
+        log.info("init_from %s: loaded %d tensors; skipped (shape) %s; new %d", path, len(loadable), skipped, len(fresh))
 
     # ------------------------------------------------------------------ batches
     def _route(self, batch: Any) -> dict[str, dict[str, Any]]:
@@ -164,26 +221,43 @@ class MultiTaskModule(L.LightningModule):
             for name, value in logs.items():
                 self.log(f"{stage}/{task}/{name}", value, batch_size=n, sync_dist=True)
             self._log_counts(task, sub, stage)
-            if stage == "val" and task not in self._media_done and self._media_due():
-                self._media_done.add(task)
-                if self.trainer.is_global_zero and self.logger is not None:
-                    head.log_media(self.backbone, sub, self.logger.experiment, self.global_step, f"{stage}/{task}")
+            if stage == "val" and task not in self._media_batches:
+                self._media_batches[task] = sub
 
     def _media_due(self) -> bool:
         every = self.hparams.media_every_n_val
         return bool(every) and self._val_count % every == 0 and not self.trainer.sanity_checking
 
+    def _epoch_start(self) -> None:
+        self._media_batches = {}
+        for head in self.heads.values():
+            head.reset_evaluation(active=not self.trainer.sanity_checking)
+
     def _epoch_end(self, stage: str) -> None:
         for task, metrics in self.metrics[stage].items():
-            for name, value in _flatten(metrics.compute()).items():
-                self.log(f"{stage}/{task}/{name}", value, sync_dist=False)
+            head = self.heads[task]
+            head.evaluate_end(self.backbone, metrics, seed=self.global_step + self.global_rank)
+            for name, metric in metrics.items(keep_base=True, copy_state=False):
+                if not metric.update_called:
+                    continue
+                value = metric.compute()
+                values = _flatten(value) if isinstance(value, dict) else {name: value}
+                for key, v in values.items():
+                    self.log(f"{stage}/{task}/{key}", v, sync_dist=False)
             metrics.reset()
+            if stage == "val" and task in self._media_batches and self._media_due():
+                if self.trainer.is_global_zero and self.logger is not None:
+                    head.log_media(self.backbone, self._media_batches[task], self.logger.experiment, self.global_step, f"{stage}/{task}")
+        self._media_batches = {}
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, "val")
 
     def on_validation_epoch_start(self) -> None:
-        self._media_done = set()
+        self._epoch_start()
+
+    def on_test_epoch_start(self) -> None:
+        self._epoch_start()
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_end("val")

@@ -5,7 +5,10 @@ A head is an ``nn.Module`` with
 * ``required_keys``: the batch keys it reads (checked against the data before the first step);
 * ``loss(backbone, batch, step) -> (loss, logs)``: the training loss and detached scalars to log;
 * ``build_metrics(backbone) -> MetricCollection``: fresh torchmetrics, one copy per stage (val/test);
-* ``evaluate(backbone, batch, metrics) -> logs``: update ``metrics`` on a validation/test batch;
+* ``attach(backbone, task)``: checks against the backbone at construction (clear errors at start);
+* ``reset_evaluation()`` / ``evaluate(backbone, batch, metrics) -> logs`` / ``evaluate_end(backbone,
+  metrics)``: start of an evaluation, update ``metrics`` on each validation/test batch, and work done
+  once at the end (e.g. generating samples) before the metrics are computed;
 * ``predict(backbone, batch) -> list[dict]``: one JSON-able record per sample;
 * ``log_media(backbone, batch, experiment, step, tag)``: images/audio/text to TensorBoard (optional);
 * ``discriminator`` (None or a module) and ``discriminator_loss(backbone, step)`` for adversarial
@@ -37,6 +40,15 @@ class Head(nn.Module):
 
     def build_metrics(self, backbone: Backbone) -> MetricCollection:
         return MetricCollection({})
+
+    def attach(self, backbone: Backbone, task: str) -> None:
+        """Validate the head against the backbone; raise naming the setting. Default: nothing."""
+
+    def reset_evaluation(self, active: bool = True) -> None:
+        """Called at the start of each validation/test epoch (``active`` False during the sanity check)."""
+
+    def evaluate_end(self, backbone: Backbone, metrics: MetricCollection, seed: int = 0) -> None:
+        """Called at the end of each validation/test epoch, before ``metrics`` are computed."""
 
     def evaluate(self, backbone: Backbone, batch: dict[str, Any], metrics: MetricCollection) -> dict[str, Tensor]:
         loss, logs = self.loss(backbone, batch, step=-1)

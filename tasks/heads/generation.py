@@ -1,0 +1,314 @@
+"""Generation: a diffusion model over the shared codebook's latents, conditioned on a class or a caption.
+
+Training: the frozen stage-1 tokenizer turns the batch into code vectors x0 [B, N, D] (a lookup,
+no codebook update); the trunk learns to denoise them (``multimodal.diffusion``), with the
+condition dropped with p = 0.1 for classifier-free guidance (done by the trunk). The latent
+scale (1 / std of x0) is measured on the first batch and stored in the checkpoint.
+
+Sampling: DDIM/DDPM/Euler with guidance, both CFG halves in one batch; the raw latents snap to
+their nearest codes, then the codec decodes them.
+
+Evaluation: a :class:`tasks.judge.JudgeNet` trained here on the real data (its loss never reaches
+the trunk) judges samples: ``gen_acc`` = its accuracy on samples generated for a class (or, for a
+caption, the label of the sample the caption came from: the shape of the described largest
+object on the demo shapes), ``fid_cls`` = FID between real validation data and samples in the
+judge's feature space, and ``fid_cls_floor`` = the same between real training and real validation
+data, so the gap is visible. Computed every ``eval_every_n`` validations on ``eval_samples`` samples.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from multimodal.backbone import Backbone
+from multimodal.diffusion import GaussianDiffusion
+from tasks.heads.base import Head
+from tasks.judge import JudgeNet
+
+CONDITIONS = ("label", "text", "none")
+MODALITY_KEYS = {"image": ("image",), "audio": ("audio", "audio_lengths")}
+
+
+class GenerationHead(Head):
+    """Args:
+    modality: ``image`` or ``audio``.
+    condition: ``label`` (class-conditional), ``text`` (caption-conditional) or ``none``.
+    num_classes: classes of the data (the trunk's class table and the judge).
+    diffusion: the process (default ``GaussianDiffusion()``: linear schedule, eps prediction).
+    audio_tokens: length of generated audio in tokens (25 = 1 s at hop 160, r = 4).
+    sample_steps / sampler / eta / guidance: sampling at evaluation and prediction.
+    eval_samples / eval_every_n / eval_batch: generated samples per evaluation, how often, in chunks of.
+    judge: train the judge network (needs ``label`` in the data); judge_width / judge_weight its size and loss weight.
+    num_media: generated samples written to TensorBoard per evaluation.
+    floor_samples: real training inputs kept (a reservoir) for the ``fid_cls_floor``.
+    """
+
+    def __init__(
+        self,
+        modality: str = "image",
+        condition: str = "label",
+        num_classes: int | None = None,
+        diffusion: GaussianDiffusion | None = None,
+        audio_tokens: int = 25,
+        sample_steps: int = 25,
+        sampler: str | None = None,
+        eta: float = 0.0,
+        guidance: float = 4.0,
+        eval_samples: int = 100,
+        eval_every_n: int = 1,
+        eval_batch: int = 50,
+        judge: bool = True,
+        judge_width: int = 32,
+        judge_weight: float = 1.0,
+        num_media: int = 16,
+        floor_samples: int = 500,
+    ) -> None:
+        super().__init__()
+        if modality not in MODALITY_KEYS:
+            raise ValueError(f"generation head: modality must be one of {sorted(MODALITY_KEYS)}, got {modality!r}")
+        if condition not in CONDITIONS:
+            raise ValueError(f"generation head: condition must be one of {CONDITIONS}, got {condition!r}")
+        if guidance < 0:
+            raise ValueError(f"generation head: guidance must be >= 0, got {guidance}")
+        if sample_steps < 1:
+            raise ValueError(f"generation head: sample_steps must be >= 1, got {sample_steps}")
+        if (condition == "label" or judge) and not num_classes:
+            raise ValueError("generation head: num_classes is required for condition='label' and for the judge")
+        if eval_samples < 0 or eval_every_n < 0 or eval_batch < 1 or audio_tokens < 1:
+            raise ValueError("generation head: eval_samples, eval_every_n >= 0; eval_batch, audio_tokens >= 1")
+        self.modality, self.condition, self.num_classes = modality, condition, num_classes
+        self.diffusion = diffusion if diffusion is not None else GaussianDiffusion()
+        self.audio_tokens = audio_tokens
+        self.sample_steps, self.sampler, self.eta, self.guidance = sample_steps, sampler, eta, guidance
+        self.eval_samples, self.eval_every_n, self.eval_batch = eval_samples, eval_every_n, eval_batch
+        self.judge_weight, self.num_media, self.floor_samples = judge_weight, num_media, floor_samples
+        keys = list(MODALITY_KEYS[modality])
+        if condition == "label" or judge:
+            keys.append("label")
+        if condition == "text":
+            keys += ["text_ids", "text_lengths"]
+        self.required_keys = tuple(keys)
+        self.backbone_modalities = (modality,)
+        self.judge = JudgeNet(3 if modality == "image" else 1, num_classes, judge_width) if judge else None
+        self.register_buffer("scale_measured", torch.tensor(False))
+        self._floor: list[Tensor] = []  # reservoir of real training judge inputs (not checkpointed)
+        self._seen = 0
+        self._conditions: list[dict[str, Tensor]] = []
+        self._evaluations = 0
+        self._due = False
+        self.last_samples: Tensor | None = None
+
+    # ------------------------------------------------------------------ checks against the backbone
+    def attach(self, backbone: Backbone, task: str) -> None:
+        trunk = backbone.trunk
+        if trunk is None:
+            raise ValueError(f"head {task!r} generates with the trunk: set model.backbone.trunk (a DiffusionTransformer)")
+        if trunk.in_dim != backbone.quantizer.dim:
+            raise ValueError(
+                f"model.backbone.trunk.in_dim={trunk.in_dim} does not match the tokenizer's latent size "
+                f"(quantizer dim={backbone.quantizer.dim})"
+            )
+        if self.condition == "label" and trunk.num_classes < self.num_classes:
+            raise ValueError(f"head {task!r}: trunk num_classes={trunk.num_classes} < the head's num_classes={self.num_classes}")
+        if self.condition == "text" and not trunk.text_vocab_size:
+            raise ValueError(f"head {task!r} conditions on text: set model.backbone.trunk.text_vocab_size (the data's vocabulary)")
+
+    # ------------------------------------------------------------------ pieces
+    def _latents(self, backbone: Backbone, batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+        if self.modality == "image":
+            x0, _ = backbone.quantized_latents("image", batch["image"])
+            return x0, None
+        x0, lengths = backbone.quantized_latents("audio", batch["audio"], batch["audio_lengths"])
+        return x0, torch.arange(x0.shape[1], device=x0.device)[None, :] < lengths[:, None]
+
+    def _model_kwargs(self, backbone: Backbone, batch_size: int, y: Tensor | None = None,
+                      text_ids: Tensor | None = None, text_lengths: Tensor | None = None) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"modality": self.modality}
+        if self.modality == "image":
+            kwargs["grid"] = backbone.codec("image").grid_size
+        if self.condition == "label":
+            kwargs["y"] = y
+        elif self.condition == "text":
+            kwargs["cond_ids"] = text_ids
+            kwargs["cond_mask"] = torch.arange(text_ids.shape[1], device=text_ids.device)[None, :] < text_lengths[:, None]
+        return kwargs
+
+    def _batch_conditions(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        if self.condition == "label":
+            return {"y": batch["label"]}
+        if self.condition == "text":
+            return {"text_ids": batch["text_ids"], "text_lengths": batch["text_lengths"]}
+        return {}
+
+    def _judge_input(self, backbone: Backbone, batch: dict[str, Any]) -> Tensor:
+        """Real data as the judge sees it: images, or log-mel [B, 1, n_mels, frames] of fixed length."""
+        if self.modality == "image":
+            return batch["image"]
+        codec = backbone.codec("audio")
+        mel = codec.mel(batch["audio"], batch["audio_lengths"])
+        return self._fixed_mel(mel, codec)
+
+    def _fixed_mel(self, mel: Tensor, codec: nn.Module) -> Tensor:
+        frames = self.audio_tokens * codec.downsample
+        if mel.shape[-1] < frames:
+            mel = F.pad(mel, (0, frames - mel.shape[-1]), value=float(mel.min()))
+        return ((mel[..., :frames] + 5.0) / 4.0).unsqueeze(1)
+
+    # ------------------------------------------------------------------ training
+    def loss(self, backbone: Backbone, batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        x0, mask = self._latents(backbone, batch)
+        if not bool(self.scale_measured) and self.training:
+            self.diffusion.set_latent_scale_from(x0, mask)  # summed over ranks under DDP
+            self.scale_measured.fill_(True)
+        kwargs = self._model_kwargs(backbone, x0.shape[0], **self._batch_conditions(batch))
+        loss, logs = self.diffusion.training_loss(backbone.trunk, x0, x_mask=mask, **kwargs)
+        logs = {f"diffusion/{k}": v for k, v in logs.items()}
+        logs["latent_scale"] = self.diffusion.latent_scale.detach()
+        if self.judge is not None:
+            real = self._judge_input(backbone, batch).detach()
+            logits = self.judge.classify(real)
+            judge_loss = F.cross_entropy(logits, batch["label"])
+            loss = loss + self.judge_weight * judge_loss
+            logs["judge/loss"] = judge_loss.detach()
+            logs["judge/acc"] = (logits.argmax(-1) == batch["label"]).float().mean()
+            if self.training:
+                self._remember_real(real)
+        return loss, logs
+
+    def _remember_real(self, real: Tensor) -> None:
+        """Reservoir sampling of real training inputs for the FID floor."""
+        for item in real.detach().cpu():
+            self._seen += 1
+            if len(self._floor) < self.floor_samples:
+                self._floor.append(item)
+            else:
+                j = int(torch.randint(self._seen, ()))
+                if j < self.floor_samples:
+                    self._floor[j] = item
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, backbone: Backbone, y: Tensor | None = None, text_ids: Tensor | None = None,
+                 text_lengths: Tensor | None = None, num: int | None = None,
+                 generator: torch.Generator | None = None, steps: int | None = None,
+                 guidance: float | None = None) -> tuple[Tensor, Tensor]:
+        """Samples for the given conditions -> (images [B, C, H, W] in [-1, 1] or waveforms [B, T],
+        what the judge sees [B, C, H, W]). ``num`` is the count for ``condition='none'``."""
+        device = backbone.quantizer.codebook.device
+        batch = len(y) if y is not None else len(text_ids) if text_ids is not None else int(num or 1)
+        if self.modality == "image":
+            n_tokens = backbone.codec("image").num_tokens
+        else:
+            n_tokens = self.audio_tokens
+        kwargs = self._model_kwargs(backbone, batch, y=y, text_ids=text_ids, text_lengths=text_lengths)
+        guidance = self.guidance if guidance is None else guidance
+        if self.condition == "none":
+            guidance = 1.0
+        latents = self.diffusion.sample(
+            backbone.trunk, (batch, n_tokens, backbone.quantizer.dim), steps=steps or self.sample_steps,
+            sampler=self.sampler, eta=self.eta, guidance=guidance, generator=generator, device=device, **kwargs,
+        )
+        snapped = backbone.snap_to_codebook(latents)
+        if self.modality == "image":
+            images = backbone.decode("image", snapped).clamp(-1.0, 1.0)
+            return images, images
+        codec = backbone.codec("audio")
+        mel = backbone.decode("audio", snapped)
+        return codec.to_audio(mel, generator=generator), self._fixed_mel(mel, codec)
+
+    # ------------------------------------------------------------------ evaluation
+    def build_metrics(self, backbone: Backbone) -> MetricCollection:
+        metrics: dict[str, Any] = {"diffusion_loss": MeanMetric()}
+        if self.judge is not None:
+            metrics["judge_acc_real"] = MulticlassAccuracy(self.num_classes, average="micro")
+            metrics["gen_acc"] = MulticlassAccuracy(self.num_classes, average="micro")
+            metrics["fid_cls"] = FrechetInceptionDistance(feature=self.judge, reset_real_features=True)
+            metrics["fid_cls_floor"] = FrechetInceptionDistance(feature=self.judge, reset_real_features=True)
+        return MetricCollection(metrics, compute_groups=False)
+
+    def reset_evaluation(self, active: bool = True) -> None:
+        self._conditions = []
+        self._due = active and bool(self.eval_every_n) and self.eval_samples > 0 and self._evaluations % self.eval_every_n == 0
+        self._evaluations += int(active)
+
+    def evaluate(self, backbone: Backbone, batch: dict[str, Any], metrics: MetricCollection) -> dict[str, Tensor]:
+        loss, logs = self.loss(backbone, batch, step=-1)
+        metrics["diffusion_loss"].update(logs["diffusion/loss"])
+        if self.judge is not None:
+            real = self._judge_input(backbone, batch)
+            metrics["judge_acc_real"].update(self.judge.classify(real), batch["label"])
+            if self._due:
+                metrics["fid_cls"].update(real, real=True)
+                metrics["fid_cls_floor"].update(real, real=True)
+        if self._due and sum(len(c["y"] if "y" in c else c.get("text_ids", [])) for c in self._conditions) < self.eval_samples:
+            cond = {k: v for k, v in self._batch_conditions(batch).items()}
+            if self.condition == "text" and "label" in batch:
+                cond["y"] = batch["label"]
+            self._conditions.append(cond)
+        return {"loss": loss.detach()}
+
+    def evaluate_end(self, backbone: Backbone, metrics: MetricCollection, seed: int = 0) -> None:
+        """Generate ``eval_samples`` samples and update gen_acc / fid_cls / fid_cls_floor."""
+        if not self._due or self.judge is None:
+            return
+        device = backbone.quantizer.codebook.device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        targets, texts, lengths = self._eval_targets(device)
+        samples = []
+        for start in range(0, len(targets), self.eval_batch):
+            sl = slice(start, start + self.eval_batch)
+            y = targets[sl] if self.condition == "label" else None
+            ids = texts[sl] if texts is not None else None
+            lens = lengths[sl] if lengths is not None else None
+            _, judged = self.generate(backbone, y=y, text_ids=ids, text_lengths=lens, num=len(targets[sl]),
+                                      generator=generator)
+            metrics["gen_acc"].update(self.judge.classify(judged), targets[sl])
+            metrics["fid_cls"].update(judged, real=False)
+            samples.append(judged[: self.num_media] if not samples else judged[:0])
+        self.last_samples = torch.cat(samples)[: self.num_media]
+        if self._floor:
+            metrics["fid_cls_floor"].update(torch.stack(self._floor).to(device), real=False)
+
+    def _eval_targets(self, device: torch.device) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        n = self.eval_samples
+        if self.condition == "label" or self.condition == "none":
+            return torch.arange(n, device=device) % self.num_classes, None, None
+        ys = torch.cat([c["y"] for c in self._conditions])[:n]
+        width = max(c["text_ids"].shape[1] for c in self._conditions)
+        ids = torch.cat([F.pad(c["text_ids"], (0, width - c["text_ids"].shape[1])) for c in self._conditions])[:n]
+        lens = torch.cat([c["text_lengths"] for c in self._conditions])[:n]
+        return ys, ids, lens
+
+    def predict(self, backbone: Backbone, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """One sample per batch item, for its label or caption (seeded by the item's key)."""
+        cond = self._batch_conditions(batch)
+        seed = sum(hash(k) % 1000 for k in batch["__key__"])
+        generator = torch.Generator(device=backbone.quantizer.codebook.device).manual_seed(seed)
+        out, _ = self.generate(backbone, num=len(batch["__key__"]), generator=generator,
+                               y=cond.get("y"), text_ids=cond.get("text_ids"), text_lengths=cond.get("text_lengths"))
+        records = []
+        for i, key in enumerate(batch["__key__"]):
+            record: dict[str, Any] = {"__key__": key, self.modality: out[i].cpu()}
+            if "label" in batch:
+                record["label"] = int(batch["label"][i])
+            if "text" in batch:
+                record["text"] = batch["text"][i]
+            records.append(record)
+        return records
+
+    @torch.no_grad()
+    def log_media(self, backbone: Backbone, batch: dict[str, Any], experiment: Any, step: int, tag: str) -> None:
+        if self.last_samples is None or not hasattr(experiment, "add_images"):
+            return
+        if self.modality == "image":
+            experiment.add_images(f"{tag}/generated", (self.last_samples + 1) / 2, step)
+        else:
+            mels = self.last_samples
+            experiment.add_images(f"{tag}/generated_log_mel", ((mels - mels.amin()) / (mels.amax() - mels.amin()).clamp(min=1e-6)).flip(2), step)

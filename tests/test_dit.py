@@ -1,0 +1,296 @@
+"""DiffusionTransformer: shapes, masking, adaLN-Zero init, conditioning, CFG, DiT parameter counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from multimodal.dit import PRESETS, DiffusionTransformer, patchify, unpatchify
+
+D = 8
+
+
+def make(**kwargs) -> DiffusionTransformer:
+    torch.manual_seed(0)
+    kwargs = {"in_dim": D, "preset": "tiny", "num_classes": 5, "text_vocab_size": 20, **kwargs}
+    return DiffusionTransformer(**kwargs).eval()
+
+
+def randomize(model: DiffusionTransformer, std: float = 0.1) -> DiffusionTransformer:
+    """Give the zero-initialised (adaLN-Zero) weights random values so every path is exercised."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.copy_(std * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def dit_reference_params(depth: int, hidden: int, patch: int = 2, channels: int = 4, size: int = 32,
+                         classes: int = 1000) -> int:
+    """facebookresearch/DiT's parameter count (learn_sigma: 2C outputs; pos_embed is a frozen Parameter)."""
+    h = hidden
+    total = patch * patch * channels * h + h  # PatchEmbed conv
+    total += 256 * h + h + h * h + h  # timestep MLP
+    total += (classes + 1) * h  # label table with the CFG null row
+    total += depth * (3 * h * h + 3 * h + h * h + h + 8 * h * h + 5 * h + 6 * h * h + 6 * h)
+    total += 2 * h * h + 2 * h + h * patch * patch * 2 * channels + patch * patch * 2 * channels
+    return total + (size // patch) ** 2 * h
+
+
+def count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("patch", [1, 2])
+@pytest.mark.parametrize("grid", [(8, 8), (4, 6)])
+def test_image_shapes(patch: int, grid: tuple[int, int]) -> None:
+    model = randomize(make(patch_size=patch))
+    x = torch.randn(3, grid[0] * grid[1], D)
+    out = model(x, torch.tensor([0, 10, 999]), "image", y=torch.tensor([0, 4, -1]), grid=grid)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    feats = model.features(x, "image", grid=grid)
+    assert feats.shape == (3, grid[0] * grid[1] // patch**2, 64)
+
+
+def test_patchify_roundtrip() -> None:
+    x = torch.randn(2, 4 * 6, D)
+    p = patchify(x, (4, 6), 2)
+    assert p.shape == (2, 6, 4 * D)
+    # the first patch holds tokens (0,0), (0,1), (1,0), (1,1) of the row-major grid
+    assert torch.equal(p[0, 0].view(2, 2, D)[1, 0], x[0, 6])
+    assert torch.equal(unpatchify(p, (4, 6), 2), x)
+
+
+@pytest.mark.parametrize("patch", [1, 2])
+def test_audio_padding_does_not_leak(patch: int) -> None:
+    model = randomize(make(patch_size=patch))
+    lengths = torch.tensor([10, 6, 3])
+    mask = torch.arange(10)[None, :] < lengths[:, None]
+    x = torch.randn(3, 10, D)
+    t = torch.tensor([5.0, 500.0, 900.0])
+    out = model(x, t, "audio", x_mask=mask)
+    assert out.shape == (3, 10, D)
+    assert torch.equal(out[~mask], torch.zeros_like(out[~mask]))
+    garbage = torch.where(mask[..., None], x, 100 * torch.randn_like(x))
+    out2 = model(garbage, t, "audio", x_mask=mask)
+    torch.testing.assert_close(out2[mask], out[mask])
+    # each item alone, at its own length, gives the same valid outputs as in the padded batch
+    for i, n in enumerate(lengths.tolist()):
+        alone = model(x[i : i + 1, :n], t[i : i + 1], "audio")
+        torch.testing.assert_close(alone[0], out[i, :n], atol=1e-5, rtol=1e-4)
+    feats = model.features(garbage, "audio", x_mask=mask)
+    torch.testing.assert_close(feats[mask], model.features(x, "audio", x_mask=mask)[mask])
+
+
+# ---------------------------------------------------------------------------------------------- init
+
+
+def test_adaln_zero_init() -> None:
+    model = make(patch_size=2)
+    x = torch.randn(2, 64, D)
+    out = model(x, torch.tensor([3, 700]), "image", y=torch.tensor([1, 2]))
+    assert torch.equal(out, torch.zeros_like(out))
+    h = torch.randn(2, 16, 64)
+    c = torch.randn(2, 64)
+    for block in model.blocks:
+        assert torch.equal(block(h, c), h)
+        assert torch.equal(block.adaLN_modulation[-1].weight, torch.zeros_like(block.adaLN_modulation[-1].weight))
+    for layer in model.blocks[0].norm1, model.final_layer.norm_final:
+        assert not layer.elementwise_affine
+
+
+# ---------------------------------------------------------------------------------------------- conditioning
+
+
+def test_text_condition_tokens() -> None:
+    model = randomize(make())
+    x = torch.randn(2, 16, D)
+    t = torch.tensor([100, 200])
+    ids = torch.randint(0, 20, (2, 5))
+    cmask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    out = model(x, t, "image", cond_ids=ids, cond_mask=cmask)
+    assert out.shape == (2, 16, D)  # only the x positions come back
+    plain = model(x, t, "image")
+    assert not torch.allclose(out, plain, atol=1e-4)
+    # padded condition tokens do not matter
+    ids2 = torch.where(cmask, ids, torch.randint(0, 20, ids.shape))
+    torch.testing.assert_close(model(x, t, "image", cond_ids=ids2, cond_mask=cmask), out)
+    # the null text condition (all tokens masked) is exactly "no condition tokens"
+    empty = model(x, t, "image", cond_ids=ids, cond_mask=torch.zeros_like(cmask))
+    torch.testing.assert_close(empty, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_latent_condition_tokens() -> None:
+    model = randomize(make(patch_size=2))
+    x = torch.randn(2, 64, D)
+    audio = torch.randn(2, 7, D)
+    out = model(x, torch.tensor([1, 2]), "image", cond_latents=audio, cond_modality="audio")
+    assert out.shape == x.shape
+    img = torch.randn(2, 12, D)
+    out2 = model(torch.randn(2, 9, D), torch.tensor([1, 2]), "audio", cond_latents=img, cond_modality="image",
+                 cond_grid=(2, 6))
+    assert out2.shape == (2, 9, D)
+
+
+def test_label_dropout_only_in_training() -> None:
+    model = randomize(make(class_dropout_prob=0.5))
+    x = torch.randn(1, 16, D).expand(64, -1, -1)
+    t = torch.full((64,), 300)
+    y = torch.full((64,), 2)
+    with torch.no_grad():
+        cond = model(x[:1], t[:1], "image", y=y[:1])
+        null = model(x[:1], t[:1], "image", y=None)
+        assert torch.equal(model(x[:1], t[:1], "image", y=torch.tensor([-1])), null)
+        assert not torch.allclose(cond, null)
+        # eval mode never drops, whatever drop_condition says
+        torch.testing.assert_close(model(x, t, "image", y=y, drop_condition=True), cond.expand(64, -1, -1))
+        model.train()
+        torch.manual_seed(0)
+        out = model(x, t, "image", y=y)
+        is_null = [torch.allclose(o, null[0], atol=1e-5) for o in out]
+        is_cond = [torch.allclose(o, cond[0], atol=1e-5) for o in out]
+        assert all(a or b for a, b in zip(is_null, is_cond))
+        assert 10 < sum(is_null) < 54
+        # drop_condition=False keeps every label in training
+        torch.testing.assert_close(model(x, t, "image", y=y, drop_condition=False), cond.expand(64, -1, -1))
+
+
+def test_text_dropout_in_training() -> None:
+    model = randomize(make(cond_dropout_prob=0.5))
+    x = torch.randn(1, 16, D).expand(64, -1, -1)
+    ids = torch.randint(0, 20, (1, 4)).expand(64, -1)
+    with torch.no_grad():
+        plain = model(x[:1], torch.tensor([10]), "image")
+        model.train()
+        torch.manual_seed(0)
+        out = model(x, torch.full((64,), 10), "image", cond_ids=ids)
+    dropped = sum(torch.allclose(o, plain[0], atol=1e-5) for o in out)
+    assert 10 < dropped < 54
+
+
+def test_forward_with_cfg_is_one_batch_and_matches_two_calls() -> None:
+    model = randomize(make())
+    x = torch.randn(3, 16, D)
+    t = torch.tensor([10, 400, 800])
+    y = torch.tensor([0, 1, 4])
+    ids = torch.randint(0, 20, (3, 5))
+    cmask = torch.ones(3, 5, dtype=torch.bool)
+    cmask[0, 3:] = False
+    calls = []
+    hook = model.blocks[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    with torch.no_grad():
+        got = model.forward_with_cfg(x, t, "image", 3.0, y=y, cond_ids=ids, cond_mask=cmask)
+        hook.remove()
+        cond = model(x, t, "image", y=y, cond_ids=ids, cond_mask=cmask)
+        uncond = model(x, t, "image")  # null label, no condition tokens
+    assert calls == [6]
+    torch.testing.assert_close(got, uncond + 3.0 * (cond - uncond), atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_with_cfg(x, t, "image", 1.0, y=y), model(x, t, "image", y=y))
+        torch.testing.assert_close(model.forward_with_cfg(x, t, "image", 0.0, y=y), model(x, t, "image"),
+                                   atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- sizes
+
+
+def test_param_counts_match_dit() -> None:
+    assert dit_reference_params(28, 1152) == 675_129_632  # DiT-XL/2 as its repository reports it
+    for name in ("S", "B", "L", "XL"):
+        cfg = PRESETS[name]
+        ref = dit_reference_params(cfg["depth"], cfg["hidden_size"])
+        if name in ("S", "B"):
+            model = DiffusionTransformer(in_dim=4, preset=name, patch_size=2, num_classes=1000)
+        else:
+            with torch.device("meta"):
+                model = DiffusionTransformer(in_dim=4, preset=name, patch_size=2, num_classes=1000)
+        ours = count(model)
+        assert abs(ours - ref) / ref < 0.03, (name, ours, ref)
+    assert 32e6 < dit_reference_params(12, 384) < 34e6 and 125e6 < dit_reference_params(12, 768) < 135e6
+
+
+# ---------------------------------------------------------------------------------------------- training options
+
+
+def test_grad_checkpointing_same_grads() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, D)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 8:] = False
+    grads = []
+    for ckpt in (False, True):
+        model = randomize(make(grad_checkpointing=ckpt, drop_path=0.1)).train()
+        torch.manual_seed(1)
+        out = model(x, torch.tensor([3, 30]), "audio", y=torch.tensor([1, 2]), x_mask=mask,
+                    cond_ids=torch.tensor([[1, 2, 3], [4, 5, 6]]))
+        out.square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_autocast() -> None:
+    model = randomize(make(patch_size=2)).train()
+    x = torch.randn(2, 64, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, torch.tensor([1, 900]), "image", y=torch.tensor([0, 3]), cond_ids=torch.tensor([[1, 2]] * 2))
+        loss = out.float().square().mean()
+    loss.backward()
+    assert torch.isfinite(out).all() and out.shape == x.shape
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_compiles_without_graph_breaks() -> None:
+    model = randomize(make())
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    x = torch.randn(2, 10, D)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[0, 7:] = False
+    with torch.no_grad():
+        got = compiled(x, torch.tensor([5, 6]), "audio", y=torch.tensor([1, 2]), x_mask=mask)
+        torch.testing.assert_close(got, model(x, torch.tensor([5, 6]), "audio", y=torch.tensor([1, 2]), x_mask=mask))
+
+
+# ---------------------------------------------------------------------------------------------- bad settings
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"hidden_size": 66, "num_heads": 4}, "divisible by num_heads"),
+        ({"preset": "huge"}, "preset must be one of"),
+        ({"patch_size": 3}, "patch_size must be 1 or 2"),
+        ({"class_dropout_prob": 1.0}, "class_dropout_prob"),
+        ({"depth": 0}, "depth"),
+    ],
+)
+def test_bad_settings(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make(**kwargs)
+
+
+def test_bad_inputs() -> None:
+    model = make(patch_size=2, text_vocab_size=0)
+    x = torch.randn(1, 36, D)
+    t = torch.tensor([1])
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        model(torch.randn(1, 15, D), t, "image", grid=(3, 5))
+    with pytest.raises(ValueError, match="grid"):
+        model(x, t, "image", grid=(4, 8))
+    with pytest.raises(ValueError, match="not a square grid"):
+        model(torch.randn(1, 24, D), t, "image")
+    with pytest.raises(ValueError, match="modality"):
+        model(x, t, "video")
+    with pytest.raises(ValueError, match="text_vocab_size"):
+        model(x, t, "image", cond_ids=torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match="latents must be"):
+        model(torch.randn(1, 36, D + 1), t, "image")
+    with pytest.raises(ValueError, match="guidance"):
+        model.forward_with_cfg(x, t, "image", -1.0, y=torch.tensor([1]))
+    with pytest.raises(ValueError, match="needs a condition"):
+        model.forward_with_cfg(x, t, "image", 2.0)

@@ -1,0 +1,164 @@
+"""Stage 2: the generation head on a frozen tokenizer, through the one training loop and the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from datamodules import WebDataModule
+from multimodal import Backbone, DiffusionTransformer, GaussianDiffusion
+from multimodal.cli import main
+from tasks import GenerationHead, MultiTaskModule
+from tests.test_tokenizer import _tiny_tokenizer_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_run(shard_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny stage-1 run (images + audio, 64 codes of dim 16) to build stage 2 on."""
+    run = tmp_path_factory.mktemp("tok")
+    path = run / "cfg.yaml"
+    path.write_text(yaml.safe_dump(_tiny_tokenizer_config(shard_dir, run / "run")))
+    main(["fit", "--config", str(path)])
+    return run / "run"
+
+
+def _trunk(**kw) -> DiffusionTransformer:
+    return DiffusionTransformer(in_dim=16, preset="tiny", **kw)
+
+
+def test_generation_trains_on_frozen_tokenizer_and_evaluates(shard_dir: Path, tokenizer_run: Path, tmp_path: Path) -> None:
+    backbone = Backbone(tokenizer_ckpt=str(tokenizer_run), trunk=_trunk(num_classes=3))
+    codebook = backbone.quantizer.codebook.clone()
+    enc = {k: v.clone() for k, v in backbone.codecs.state_dict().items()}
+    head = GenerationHead("image", "label", num_classes=3, sample_steps=3, eval_samples=6, eval_batch=4, num_media=4)
+    model = MultiTaskModule(backbone, {"gen": head}, warmup_steps=1)
+    trainer = L.Trainer(default_root_dir=tmp_path, logger=TensorBoardLogger(tmp_path), max_steps=5, limit_val_batches=2,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1)
+    trainer.fit(model, WebDataModule(root=str(shard_dir), keys=["image", "label"], batch_size=4, samples_per_epoch=20))
+    m = trainer.callback_metrics
+    for key in ("train/gen/diffusion/loss", "train/gen/judge/loss", "val/gen/gen_acc", "val/gen/fid_cls",
+                "val/gen/fid_cls_floor", "val/gen/judge_acc_real", "val/gen/diffusion_loss"):
+        assert key in m, key
+    assert 0.0 <= float(m["val/gen/gen_acc"]) <= 1.0 and torch.isfinite(m["val/gen/fid_cls"])
+    assert bool(head.scale_measured) and float(head.diffusion.latent_scale) != 1.0  # measured on the data
+    # the tokenizer stayed frozen: codebook and codec weights unchanged
+    assert torch.equal(codebook, backbone.quantizer.codebook)
+    assert all(torch.equal(enc[k], v) for k, v in backbone.codecs.state_dict().items())
+    assert head.last_samples is not None and head.last_samples.shape[1:] == (3, 32, 32)
+    # same seed, same samples
+    g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    y = torch.tensor([0, 1, 2])
+    a, _ = head.generate(backbone, y=y, generator=g())
+    b, _ = head.generate(backbone, y=y, generator=g())
+    assert torch.equal(a, b) and a.shape == (3, 3, 32, 32) and a.min() >= -1 and a.max() <= 1
+
+
+def test_audio_and_caption_conditioning(shard_dir: Path, tokenizer_run: Path, tmp_path: Path) -> None:
+    backbone = Backbone(tokenizer_ckpt=str(tokenizer_run), trunk=_trunk(num_classes=3, text_vocab_size=64))
+    heads = {
+        "speech": GenerationHead("audio", "label", num_classes=3, audio_tokens=5, sample_steps=2, eval_samples=4),
+        "caption": GenerationHead("image", "text", num_classes=3, sample_steps=2, eval_samples=4),
+    }
+    model = MultiTaskModule(backbone, heads, warmup_steps=1)
+    from datamodules import MultiTaskDataModule
+
+    data = MultiTaskDataModule({
+        "speech": WebDataModule(root=str(shard_dir), keys=["audio", "label"], batch_size=4, samples_per_epoch=8, audio_max_seconds=0.3),
+        "caption": WebDataModule(root=str(shard_dir), keys=["image", "text", "label"], batch_size=4, samples_per_epoch=8, vocab_size=40),
+    })
+    trainer = L.Trainer(default_root_dir=tmp_path, logger=False, max_steps=2, limit_val_batches=1, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(model, data)
+    assert "val/speech/gen_acc" in trainer.callback_metrics and "val/caption/gen_acc" in trainer.callback_metrics
+    wave, judged = heads["speech"].generate(backbone, y=torch.tensor([1, 2]))
+    assert wave.shape[0] == 2 and wave.shape[1] == 5 * 4 * 160 and judged.shape[:2] == (2, 1)
+
+
+def test_bad_generation_settings_fail_at_start(tokenizer_run: Path, shard_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="guidance must be >= 0"):
+        GenerationHead("image", "label", num_classes=3, guidance=-1)
+    with pytest.raises(ValueError, match="sample_steps must be >= 1"):
+        GenerationHead("image", "label", num_classes=3, sample_steps=0)
+    with pytest.raises(ValueError, match="trunk.in_dim=32 does not match the tokenizer's latent size"):
+        MultiTaskModule(Backbone(tokenizer_ckpt=str(tokenizer_run), trunk=DiffusionTransformer(in_dim=32, preset="tiny", num_classes=3)),
+                        {"gen": GenerationHead("image", "label", num_classes=3)})
+    with pytest.raises(ValueError, match="set model.backbone.trunk"):
+        MultiTaskModule(Backbone(tokenizer_ckpt=str(tokenizer_run)), {"gen": GenerationHead("image", "label", num_classes=3)})
+    with pytest.raises(ValueError, match="text_vocab_size"):
+        MultiTaskModule(Backbone(tokenizer_ckpt=str(tokenizer_run), trunk=_trunk(num_classes=3)),
+                        {"gen": GenerationHead("image", "text", num_classes=3)})
+    # caption conditioning on a data set without text: named before the first step
+    model = MultiTaskModule(Backbone(tokenizer_ckpt=str(tokenizer_run), trunk=_trunk(num_classes=3, text_vocab_size=64)),
+                            {"gen": GenerationHead("image", "text", num_classes=3)})
+    trainer = L.Trainer(default_root_dir=tmp_path, logger=False, max_steps=1, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="head 'gen' needs \\['text'\\]"):
+        trainer.fit(model, WebDataModule(root=str(shard_dir), keys=["image", "label"], batch_size=2))
+    with pytest.raises(FileNotFoundError, match="no last.ckpt under"):
+        Backbone(tokenizer_ckpt=str(tmp_path), trunk=_trunk())
+
+
+def _tiny_generation_config(name: str, shard_dir: Path, tokenizer_run: Path, run_dir: Path) -> dict:
+    cfg = yaml.safe_load((ROOT / "configs" / name).read_text())
+    model = cfg["model"]["init_args"]
+    model["backbone"]["init_args"]["tokenizer_ckpt"] = str(tokenizer_run)
+    model["backbone"]["init_args"]["trunk"]["init_args"].update(preset="tiny", in_dim=16)
+    if "text_vocab_size" in model["backbone"]["init_args"]["trunk"]["init_args"]:
+        model["backbone"]["init_args"]["trunk"]["init_args"]["text_vocab_size"] = 64
+    for head in model["heads"].values():
+        head["init_args"].update(sample_steps=2, eval_samples=4, num_classes=3)
+        if head["init_args"].get("modality") == "audio":
+            head["init_args"]["audio_tokens"] = 5
+    if "num_classes" in model["backbone"]["init_args"]["trunk"]["init_args"]:
+        model["backbone"]["init_args"]["trunk"]["init_args"]["num_classes"] = 3
+    data = cfg["data"]["init_args"]
+    data.pop("demo")
+    data.update(root=str(shard_dir), batch_size=4, samples_per_epoch=8)
+    if "vocab_size" in data:
+        data["vocab_size"] = 40
+    cfg["trainer"].update(max_steps=2, val_check_interval=2, limit_val_batches=1, default_root_dir=str(run_dir),
+                          enable_progress_bar=False)
+    cfg["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 2
+    return cfg
+
+
+@pytest.mark.parametrize("name", ["generation.yaml", "generation_shapes.yaml", "generation_audio.yaml"])
+def test_generation_configs_fit(name: str, shard_dir: Path, tokenizer_run: Path, tmp_path: Path) -> None:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(_tiny_generation_config(name, shard_dir, tokenizer_run, tmp_path / "run")))
+    main(["fit", "--config", str(path)])
+    assert next((tmp_path / "run").rglob("last.ckpt"))
+
+
+def test_sample_script_writes_files_deterministically(shard_dir: Path, tokenizer_run: Path, tmp_path: Path) -> None:
+    path = tmp_path / "gen.yaml"
+    path.write_text(yaml.safe_dump(_tiny_generation_config("generation.yaml", shard_dir, tokenizer_run, tmp_path / "run")))
+    main(["fit", "--config", str(path)])
+    ckpt = next((tmp_path / "run").rglob("last.ckpt"))
+    outs = []
+    for k in range(2):
+        out = tmp_path / f"samples{k}"
+        cmd = [sys.executable, str(ROOT / "scripts" / "sample.py"), "--ckpt", str(ckpt), "--out", str(out),
+               "--classes", "0", "2", "--per-class", "2", "--steps", "2", "--guidance", "2.0", "--seed", "3"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs.append(out)
+    names = sorted(p.name for p in outs[0].glob("*.png"))
+    assert names == ["0_0.png", "0_1.png", "2_0.png", "2_1.png", "grid.png"]
+    for n in names:
+        assert (outs[0] / n).read_bytes() == (outs[1] / n).read_bytes()
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "sample.py"), "--ckpt", str(ckpt), "--out",
+                           str(tmp_path / "bad"), "--classes", "0", "--steps", "0"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and "steps" in proc.stderr
+
+
+def test_diffusion_default_is_gaussian() -> None:
+    assert isinstance(GenerationHead("image", "label", num_classes=2).diffusion, GaussianDiffusion)
