@@ -189,9 +189,13 @@ class ShardLoader(DataLoader):
     """A DataLoader over a :class:`ShardStream` (batches are made inside the workers)."""
 
     def __init__(self, dataset: ShardStream, num_workers: int = 0, persistent_workers: bool = False,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, **kwargs: Any) -> None:
+        # Lightning re-creates loaders (e.g. for predict) passing every DataLoader argument; the
+        # sampling ones must stay unset for a stream that batches inside its workers
+        for key in ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"):
+            kwargs.pop(key, None)
         super().__init__(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                         persistent_workers=persistent_workers and num_workers > 0)
+                         persistent_workers=persistent_workers and num_workers > 0, **kwargs)
         object.__setattr__(self, "sampler", _EpochSampler(dataset))  # DataLoader forbids setattr
 
 

@@ -7,7 +7,8 @@
 Model and data are ``class_path`` / ``init_args`` entries (any LightningModule / DataModule).
 Runs go under ``runs/`` (``--trainer.default_root_dir DIR`` moves them) with a TensorBoard
 logger; the resolved config is saved beside each run. ``test`` also writes the metrics to
-``test_metrics.json`` and ``test_metrics.md`` in the run's log folder.
+``test_metrics.json`` and ``test_metrics.md`` in the run's log folder; ``predict`` writes each
+task's outputs to ``predictions/<task>.jsonl`` (+ PNG/WAV files) there (``multimodal.writer``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import LightningCLI
+
+from .writer import PredictionWriter
 
 DEFAULT_ROOT = "runs"
 
@@ -63,7 +66,7 @@ def main(args: list[str] | None = None, run: bool = True) -> MultimodalCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"default_root_dir": DEFAULT_ROOT},
+        trainer_defaults={"default_root_dir": DEFAULT_ROOT, "callbacks": [PredictionWriter()]},
         parser_kwargs={"description": "Multimodal shared-codebook DiT framework (LightningCLI)."},
         args=args,
         run=run,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -135,7 +136,17 @@ def test_generation_configs_fit(name: str, shard_dir: Path, tokenizer_run: Path,
     path = tmp_path / name
     path.write_text(yaml.safe_dump(_tiny_generation_config(name, shard_dir, tokenizer_run, tmp_path / "run")))
     main(["fit", "--config", str(path)])
-    assert next((tmp_path / "run").rglob("last.ckpt"))
+    ckpt = next((tmp_path / "run").rglob("last.ckpt"))
+    if name == "generation_shapes.yaml":
+        return
+    # lightning predict writes one file per sample next to its key, plus the JSONL records
+    main(["predict", "--config", str(path), f"--ckpt_path={ckpt}"])
+    task = "spoken" if "audio" in name else "digits"
+    jsonl = next((tmp_path / "run").rglob(f"predictions/{task}.jsonl"))
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert len(records) == 8 and all("label" in r for r in records)  # the whole test split
+    media = "audio" if "audio" in name else "image"
+    assert all(Path(r[media]).is_file() and Path(r[media]).stem == r["__key__"] for r in records)
 
 
 def test_sample_script_writes_files_deterministically(shard_dir: Path, tokenizer_run: Path, tmp_path: Path) -> None:

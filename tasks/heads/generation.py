@@ -18,6 +18,7 @@ data, so the gap is visible. Computed every ``eval_every_n`` validations on ``ev
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import torch
@@ -289,13 +290,15 @@ class GenerationHead(Head):
     def predict(self, backbone: Backbone, batch: dict[str, Any]) -> list[dict[str, Any]]:
         """One sample per batch item, for its label or caption (seeded by the item's key)."""
         cond = self._batch_conditions(batch)
-        seed = sum(hash(k) % 1000 for k in batch["__key__"])
+        seed = zlib.crc32("".join(batch["__key__"]).encode())  # stable across processes (hash() is salted)
         generator = torch.Generator(device=backbone.quantizer.codebook.device).manual_seed(seed)
         out, _ = self.generate(backbone, num=len(batch["__key__"]), generator=generator,
                                y=cond.get("y"), text_ids=cond.get("text_ids"), text_lengths=cond.get("text_lengths"))
         records = []
         for i, key in enumerate(batch["__key__"]):
             record: dict[str, Any] = {"__key__": key, self.modality: out[i].cpu()}
+            if self.modality == "audio":
+                record["sample_rate"] = backbone.codec("audio").sample_rate
             if "label" in batch:
                 record["label"] = int(batch["label"][i])
             if "text" in batch:
