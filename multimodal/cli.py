@@ -60,8 +60,8 @@ class MultimodalCLI(LightningCLI):
         print(f"test metrics written to {path}")
 
 
-def main(args: list[str] | None = None, run: bool = True) -> MultimodalCLI:
-    """Entry point of ``lightning`` and ``python -m multimodal``."""
+def build_cli(args: list[str] | None = None, run: bool = True) -> MultimodalCLI:
+    """The project's LightningCLI (``run=False``: parse and instantiate only)."""
     return MultimodalCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
@@ -71,6 +71,11 @@ def main(args: list[str] | None = None, run: bool = True) -> MultimodalCLI:
         args=args,
         run=run,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``lightning`` and ``python -m multimodal`` (returns None: exit status 0)."""
+    build_cli(args)
 
 
 if __name__ == "__main__":

@@ -27,12 +27,16 @@ class CodebookUsage(Metric):
         self.counts += torch.bincount(codes.reshape(-1), minlength=self.num_codes)
 
     def compute(self) -> dict[str, Tensor]:
-        counts = self.counts.float()
-        p = counts / counts.sum().clamp(min=1)
-        entropy = -(p * p.clamp(min=1e-12).log()).sum()
-        used = (self.counts > 0).sum()
-        return {
-            "codebook/usage": used.float() / self.num_codes,
-            "codebook/perplexity": entropy.exp(),
-            "codebook/unused": (self.num_codes - used).float(),
-        }
+        return codebook_stats(self.counts)
+
+
+def codebook_stats(counts: Tensor) -> dict[str, Tensor]:
+    """A code histogram [K] -> ``codebook/usage`` (fraction used), ``perplexity``, ``unused`` (count)."""
+    p = counts.float() / counts.sum().clamp(min=1)
+    entropy = -(p * p.clamp(min=1e-12).log()).sum()
+    used = (counts > 0).sum()
+    return {
+        "codebook/usage": used.float() / counts.numel(),
+        "codebook/perplexity": entropy.exp(),
+        "codebook/unused": (counts.numel() - used).float(),
+    }

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from multimodal.backbone import Backbone
 from multimodal.checkpoint import read_checkpoint
 from tasks.heads.base import Head
+from tasks.metrics import CodebookUsage, codebook_stats
 
 log = logging.getLogger(__name__)
 COUNTS_KEY = "__counts__"  # the data layer's {event: count} per batch (see datamodules.webdata)
@@ -234,6 +235,7 @@ class MultiTaskModule(L.LightningModule):
             head.reset_evaluation(active=not self.trainer.sanity_checking)
 
     def _epoch_end(self, stage: str) -> None:
+        self._log_shared_codebook(stage)
         for task, metrics in self.metrics[stage].items():
             head = self.heads[task]
             head.evaluate_end(self.backbone, metrics, seed=self.global_step + self.global_rank)
@@ -249,6 +251,22 @@ class MultiTaskModule(L.LightningModule):
                 if self.trainer.is_global_zero and self.logger is not None:
                     head.log_media(self.backbone, self._media_batches[task], self.logger.experiment, self.global_step, f"{stage}/{task}")
         self._media_batches = {}
+
+    def _log_shared_codebook(self, stage: str) -> None:
+        """Usage of the ONE codebook over all tasks, and per modality (``{stage}/codebook/...``)."""
+        groups: dict[str, list[Tensor]] = {}
+        for task, metrics in self.metrics[stage].items():
+            usage = metrics["codebook"] if "codebook" in metrics else None
+            if isinstance(usage, CodebookUsage) and usage.update_called:
+                counts = self.all_gather(usage.counts).sum(0) if self.trainer.world_size > 1 else usage.counts
+                modality = getattr(self.heads[task], "modality", task)
+                groups.setdefault("all", []).append(counts)
+                groups.setdefault(modality, []).append(counts)
+        if len(groups.get("all", [])) < 2:
+            return
+        for name, counts in groups.items():
+            for key, value in codebook_stats(torch.stack(counts).sum(0)).items():
+                self.log(f"{stage}/codebook/{name}/{key.split('/')[-1]}", value, sync_dist=False)
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, "val")

@@ -50,7 +50,8 @@ def test_images_and_audio_train_one_codebook_and_log_metrics(shard_dir: Path, tm
     m = trainer.callback_metrics
     for key in ("train/img/rec_l1", "train/aud/spectral", "train/img/codebook/perplexity", "train/aud/codebook/dead_codes",
                 "val/img/psnr", "val/img/ssim", "val/aud/log_mel_l1", "val/aud/mel_snr", "val/img/codebook/usage",
-                "val/aud/codebook/perplexity"):
+                "val/aud/codebook/perplexity", "val/codebook/all/usage", "val/codebook/image/usage",
+                "val/codebook/audio/perplexity"):
         assert key in m, key
     assert torch.isfinite(m["val/img/psnr"]) and 0 < m["val/img/codebook/usage"] <= 1
     assert not torch.equal(before, backbone.quantizer.codebook)  # the shared codebook moved (k-means + EMA)

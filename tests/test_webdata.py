@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from datamodules import COUNTS_KEY, MultiTaskDataModule, WebDataModule
 from datamodules.text import BOS_ID, EOS_ID, PAD_ID

@@ -25,6 +25,16 @@ from torchmetrics import MetricCollection
 
 from multimodal.backbone import Backbone
 
+MODALITY_KEYS = {"image": ("image",), "audio": ("audio", "audio_lengths")}
+"""The batch keys a head reading each modality needs."""
+
+
+def check_modality(modality: str, head: str) -> tuple[str, ...]:
+    """The batch keys of ``modality``; a clear error for an unknown one."""
+    if modality not in MODALITY_KEYS:
+        raise ValueError(f"{head} head: modality must be one of {sorted(MODALITY_KEYS)}, got {modality!r}")
+    return MODALITY_KEYS[modality]
+
 
 class Head(nn.Module):
     """Base class with the protocol's defaults; see the module docstring."""

@@ -30,11 +30,10 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from multimodal.backbone import Backbone
 from multimodal.diffusion import GaussianDiffusion
-from tasks.heads.base import Head
+from tasks.heads.base import Head, check_modality
 from tasks.judge import JudgeNet
 
 CONDITIONS = ("label", "text", "none")
-MODALITY_KEYS = {"image": ("image",), "audio": ("audio", "audio_lengths")}
 
 
 class GenerationHead(Head):
@@ -72,8 +71,7 @@ class GenerationHead(Head):
         floor_samples: int = 500,
     ) -> None:
         super().__init__()
-        if modality not in MODALITY_KEYS:
-            raise ValueError(f"generation head: modality must be one of {sorted(MODALITY_KEYS)}, got {modality!r}")
+        modality_keys = check_modality(modality, "generation")
         if condition not in CONDITIONS:
             raise ValueError(f"generation head: condition must be one of {CONDITIONS}, got {condition!r}")
         if guidance < 0:
@@ -90,7 +88,7 @@ class GenerationHead(Head):
         self.sample_steps, self.sampler, self.eta, self.guidance = sample_steps, sampler, eta, guidance
         self.eval_samples, self.eval_every_n, self.eval_batch = eval_samples, eval_every_n, eval_batch
         self.judge_weight, self.num_media, self.floor_samples = judge_weight, num_media, floor_samples
-        keys = list(MODALITY_KEYS[modality])
+        keys = list(modality_keys)
         if condition == "label" or judge:
             keys.append("label")
         if condition == "text":

@@ -24,10 +24,8 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from multimodal.backbone import Backbone, Tokens
 from tasks.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss
-from tasks.heads.base import Head
+from tasks.heads.base import Head, check_modality
 from tasks.metrics import CodebookUsage
-
-MODALITY_KEYS = {"image": ("image",), "audio": ("audio", "audio_lengths")}
 
 
 class ReconstructionHead(Head):
@@ -55,10 +53,9 @@ class ReconstructionHead(Head):
         num_media: int = 8,
     ) -> None:
         super().__init__()
-        if modality not in MODALITY_KEYS:
-            raise ValueError(f"reconstruction head: modality must be one of {sorted(MODALITY_KEYS)}, got {modality!r}")
+        modality_keys = check_modality(modality, "reconstruction")
         self.modality = modality
-        self.required_keys = MODALITY_KEYS[modality]
+        self.required_keys = modality_keys
         self.backbone_modalities = (modality,)
         self.l1_weight, self.l2_weight, self.spectral_weight, self.vq_weight = l1_weight, l2_weight, spectral_weight, vq_weight
         self.discriminator = discriminator
