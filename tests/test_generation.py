@@ -169,6 +169,15 @@ def test_sample_script_writes_files_deterministically(shard_dir: Path, tokenizer
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "sample.py"), "--ckpt", str(ckpt), "--out",
                            str(tmp_path / "bad"), "--classes", "0", "--steps", "0"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode != 0 and "steps" in proc.stderr
+    # the evaluation script reports gen_acc / fid_cls / floor per guidance
+    report = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate_generation.py"), "--ckpt", str(ckpt),
+                           "--guidance", "1", "2", "--samples", "4", "--steps", "2", "--floor-samples", "4",
+                           "--json", str(report)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(report.read_text())
+    assert set(results) == {"1.0", "2.0"}
+    assert all(0.0 <= r["gen_acc"] <= 1.0 and r["fid_cls"] >= 0 for r in results.values())
 
 
 def test_diffusion_default_is_gaussian() -> None:

@@ -1,0 +1,89 @@
+"""Evaluate a generation checkpoint on a split at several guidance scales (the generation head's metrics).
+
+    python scripts/evaluate_generation.py --ckpt runs/generation --guidance 1 3 5 --samples 500
+
+For each guidance: ``gen_acc`` (the judge's accuracy on samples generated for each class, or for
+the captions of the split's samples), ``fid_cls`` (real split vs samples, in the judge's feature
+space) and, once, ``fid_cls_floor`` (real training data vs the real split), so the gap is visible.
+Uses the checkpoint's weights (its EMA weights when the run had the EMA callback) and the data of
+the run's saved config.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+from jsonargparse import ArgumentParser
+
+from multimodal.checkpoint import resolve_checkpoint
+from tasks import GenerationHead, MultiTaskModule
+
+
+def run_data(ckpt: Path) -> L.LightningDataModule:
+    config = next((p / "config.yaml" for p in ckpt.parents if (p / "config.yaml").is_file()), None)
+    if config is None:
+        raise SystemExit("no config.yaml found above the checkpoint")
+    parser = ArgumentParser()
+    parser.add_argument("--data", type=L.LightningDataModule)
+    data = parser.instantiate_classes(parser.parse_object({"data": yaml.safe_load(config.read_text())["data"]})).data
+    data.prepare_data()
+    data.setup("test")
+    return data
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a checkpoint or a run folder (its newest last.ckpt)")
+    p.add_argument("--task", default=None, help="the generation head (default: the first)")
+    p.add_argument("--guidance", type=float, nargs="+", default=[3.0])
+    p.add_argument("--samples", type=int, default=500, help="generated samples per guidance")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the head's)")
+    p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--floor-samples", type=int, default=500, help="real training samples for the floor")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+
+    ckpt = resolve_checkpoint(args.ckpt)
+    model = MultiTaskModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
+    heads = {t: h for t, h in model.heads.items() if isinstance(h, GenerationHead)}
+    task = args.task or next(iter(heads))
+    head, backbone = heads[task], model.backbone
+    data = run_data(ckpt)
+    data = data.tasks[task] if hasattr(data, "tasks") else data
+    loader = data.test_dataloader() if args.split == "test" else data.val_dataloader()
+    head.eval_samples = args.samples
+    if args.steps:
+        head.sample_steps = args.steps
+    with torch.no_grad():
+        floor = []
+        for batch in data.train_dataloader():
+            floor.append(head._judge_input(backbone, batch))
+            if sum(len(f) for f in floor) >= args.floor_samples:
+                break
+        head._floor = list(torch.cat(floor)[: args.floor_samples])
+        results = {}
+        for g in args.guidance:
+            head.guidance = g
+            metrics = head.build_metrics(backbone)
+            head._evaluations = 0
+            head.reset_evaluation(active=True)
+            for batch in loader:
+                head.evaluate(backbone, batch, metrics)
+            head.evaluate_end(backbone, metrics, seed=args.seed)
+            values = {k: float(v) for k, v in metrics.compute().items()}
+            results[g] = values
+            print(f"guidance {g:4.1f}: gen_acc {values['gen_acc']:.3f}  fid_cls {values['fid_cls']:.2f}  "
+                  f"fid_cls_floor {values['fid_cls_floor']:.2f}  judge_acc_real {values['judge_acc_real']:.3f}  "
+                  f"({args.samples} samples, {head.sample_steps} steps, {args.split} split)", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
