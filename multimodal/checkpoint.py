@@ -59,6 +59,26 @@ def build_backbone(config: dict[str, Any]) -> Backbone:
     return parser.instantiate_classes(parser.parse_object({"backbone": config})).backbone
 
 
+def run_datamodule(checkpoint_path: str | os.PathLike, stage: str | None = None):
+    """The DataModule a run was trained with, rebuilt from the ``config.yaml`` LightningCLI saved
+    beside its checkpoints (``prepare_data`` done; ``setup(stage)`` when ``stage`` is given)."""
+    import lightning as L
+    import yaml
+
+    path = resolve_checkpoint(checkpoint_path)
+    config = next((p / "config.yaml" for p in path.parents if (p / "config.yaml").is_file()), None)
+    if config is None:
+        raise FileNotFoundError(f"no config.yaml in the folders above {path}")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--data", type=L.LightningDataModule)
+    data_config = yaml.safe_load(config.read_text(encoding="utf-8"))["data"]
+    data = parser.instantiate_classes(parser.parse_object({"data": data_config})).data
+    data.prepare_data()
+    if stage is not None:
+        data.setup(stage)
+    return data
+
+
 def backbone_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return {k[len(PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(PREFIX)}
 

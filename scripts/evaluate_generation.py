@@ -15,25 +15,10 @@ import argparse
 import json
 from pathlib import Path
 
-import lightning as L
 import torch
-import yaml
-from jsonargparse import ArgumentParser
 
-from multimodal.checkpoint import resolve_checkpoint
+from multimodal.checkpoint import resolve_checkpoint, run_datamodule
 from tasks import GenerationHead, MultiTaskModule
-
-
-def run_data(ckpt: Path) -> L.LightningDataModule:
-    config = next((p / "config.yaml" for p in ckpt.parents if (p / "config.yaml").is_file()), None)
-    if config is None:
-        raise SystemExit("no config.yaml found above the checkpoint")
-    parser = ArgumentParser()
-    parser.add_argument("--data", type=L.LightningDataModule)
-    data = parser.instantiate_classes(parser.parse_object({"data": yaml.safe_load(config.read_text())["data"]})).data
-    data.prepare_data()
-    data.setup("test")
-    return data
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     heads = {t: h for t, h in model.heads.items() if isinstance(h, GenerationHead)}
     task = args.task or next(iter(heads))
     head, backbone = heads[task], model.backbone
-    data = run_data(ckpt)
+    data = run_datamodule(ckpt, stage="test")
     data = data.tasks[task] if hasattr(data, "tasks") else data
     loader = data.test_dataloader() if args.split == "test" else data.val_dataloader()
     head.eval_samples = args.samples

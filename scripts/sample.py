@@ -19,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 
 from datamodules.shards import encode_wav
 from datamodules.text import TextTokenizer
-from multimodal.checkpoint import resolve_checkpoint
+from multimodal.checkpoint import resolve_checkpoint, run_datamodule
 from tasks import GenerationHead, MultiTaskModule
 
 
@@ -48,18 +47,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_tokenizer(ckpt: Path) -> Path:
-    """The sentencepiece model of the run's data, from the config.yaml LightningCLI saved beside it."""
-    config = next((p / "config.yaml" for p in ckpt.parents if (p / "config.yaml").is_file()), None)
-    if config is None:
-        raise SystemExit("no config.yaml found above the checkpoint: pass --tokenizer")
-    import lightning as L
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser()
-    parser.add_argument("--data", type=L.LightningDataModule)
-    data = parser.instantiate_classes(parser.parse_object({"data": yaml.safe_load(config.read_text())["data"]})).data
-    data.prepare_data()
-    return data.tokenizer_file
+    """The sentencepiece model of the run's data (its saved config.yaml)."""
+    return run_datamodule(ckpt).tokenizer_file
 
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
