@@ -129,25 +129,9 @@ class GaussianDiffusion(nn.Module):
 
     @torch.no_grad()
     def set_latent_scale_from(self, latents: Tensor, mask: Tensor | None = None) -> float:
-        """Set ``latent_scale = 1 / std`` of data latents [B, N, D] (valid tokens only with a mask [B, N]).
-
-        The statistics are summed over every rank when torch.distributed is initialised, so all ranks
-        store the same scale. Returns the new scale.
-        """
-        x = latents.detach().double()
-        if mask is None:
-            mask = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
-        m = mask.to(x.dtype)[..., None].expand_as(x)
-        stats = torch.stack([m.sum(), (x * m).sum(), (x * x * m).sum()])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(stats)
-        count, total, total_sq = stats.tolist()
-        if count < 2:
-            raise ValueError("set_latent_scale_from: needs at least 2 valid latent values")
-        var = (total_sq - total * total / count) / (count - 1)
-        if not var > 0:
-            raise ValueError("set_latent_scale_from: the latents have zero variance")
-        self.latent_scale.fill_(1.0 / math.sqrt(var))
+        """Set ``latent_scale = 1 / std`` of data latents [B, N, D] (see :func:`measure_latent_scale`).
+        Returns the new scale."""
+        self.latent_scale.fill_(measure_latent_scale(latents, mask))
         return float(self.latent_scale)
 
     # ------------------------------------------------------------------ forward process
@@ -360,3 +344,26 @@ class GaussianDiffusion(nn.Module):
             v = predict(x, self.model_timesteps(s)).float()
             x = x + (s_next - s_now) * v
         return x
+
+
+@torch.no_grad()
+def measure_latent_scale(latents: Tensor, mask: Tensor | None = None) -> float:
+    """``1 / std`` of data latents [B, N, D] (valid tokens only with a mask [B, N] bool).
+
+    The statistics are summed over every rank when torch.distributed is initialised, so all ranks
+    get the same scale.
+    """
+    x = latents.detach().double()
+    if mask is None:
+        mask = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+    m = mask.to(x.dtype)[..., None].expand_as(x)
+    stats = torch.stack([m.sum(), (x * m).sum(), (x * x * m).sum()])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(stats)
+    count, total, total_sq = stats.tolist()
+    if count < 2:
+        raise ValueError("measure_latent_scale: needs at least 2 valid latent values")
+    var = (total_sq - total * total / count) / (count - 1)
+    if not var > 0:
+        raise ValueError("measure_latent_scale: the latents have zero variance")
+    return 1.0 / math.sqrt(var)

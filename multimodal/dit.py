@@ -413,14 +413,17 @@ class DiffusionTransformer(nn.Module):
             valid = valid | ~valid.any(dim=1, keepdim=True)
             attn_mask = valid[:, None, None, :]  # [B, 1, 1, S]: broadcast over heads and queries
 
-        h = tokens
+        return self._blocks(tokens, c, attn_mask)[:, L:], c, grid
+
+    def _blocks(self, h: Tensor, c: Tensor, attn_mask: Tensor | None) -> Tensor:
+        """The DiT blocks: tokens [B, S, hidden], c [B, hidden], attn_mask [B, 1, 1, S] bool or None."""
         use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if use_checkpoint:
                 h = checkpoint(block, h, c, attn_mask, use_reentrant=False)
             else:
                 h = block(h, c, attn_mask)
-        return h[:, L:], c, grid
+        return h
 
     def forward(
         self,
@@ -462,6 +465,20 @@ class DiffusionTransformer(nn.Module):
         if x_mask is not None:
             h = h * x_mask[..., None].to(h.dtype)
         return h
+
+    def text_features(self, ids: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Encode text: ids [B, L] long (mask [B, L] bool, True = real token) -> hidden states
+        [B, L, hidden] at t = 0 with the null condition, through the trunk's text table. Padded
+        positions are 0."""
+        B = ids.shape[0]
+        tokens, valid = self._embed_condition(B, ids.device, ids, mask, None, None, None)
+        c = self.t_embedder(torch.zeros(B, device=ids.device)) + self.y_embedder(
+            self.y_embedder.null_labels(B, ids.device))
+        attn_mask = None
+        if mask is not None:
+            attn_mask = (valid | ~valid.any(dim=1, keepdim=True))[:, None, None, :]
+        h = self._blocks(tokens, c, attn_mask)
+        return h * valid[..., None].to(h.dtype)
 
     def forward_with_cfg(self, x: Tensor, t: Tensor | float, modality: str, guidance: float,
                          **cond: Any) -> Tensor:

@@ -119,7 +119,8 @@ class MultiTaskModule(L.LightningModule):
         if not isinstance(state, dict):
             raise ValueError(f"model.init_from={path!r} has no state_dict: not a Lightning checkpoint")
         own = self.state_dict()
-        mismatched = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape}
+        mismatched = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+                      if k in own and isinstance(v, Tensor) and isinstance(own[k], Tensor) and v.shape != own[k].shape}
         backbone_bad = {k: v for k, v in mismatched.items() if not k.startswith("heads.")}
         if backbone_bad:
             lines = "\n  ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in list(backbone_bad.items())[:10])
@@ -292,6 +293,21 @@ class MultiTaskModule(L.LightningModule):
         return {task: self.heads[task].predict(self.backbone, sub) for task, sub in self._route(batch).items()}
 
     # ------------------------------------------------------------------ checks before the first step
+    def _task_data(self) -> dict[str, Any]:
+        """``{task: its DataModule}`` for the tasks with data (a plain DataModule serves a lone head)."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None:
+            return {}
+        tasks = getattr(dm, "tasks", None)
+        if isinstance(tasks, dict):
+            return {task: tasks[task] for task in self.heads if task in tasks}
+        return {next(iter(self.heads)): dm} if len(self.heads) == 1 else {}
+
+    def setup(self, stage: str) -> None:
+        """Hand every head its DataModule (after the data's ``prepare_data``/``setup``: text tokenizers)."""
+        for task, data in self._task_data().items():
+            self.heads[task].bind_data(data, task)
+
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None:

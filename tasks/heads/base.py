@@ -6,6 +6,8 @@ A head is an ``nn.Module`` with
 * ``loss(backbone, batch, step) -> (loss, logs)``: the training loss and detached scalars to log;
 * ``build_metrics(backbone) -> MetricCollection``: fresh torchmetrics, one copy per stage (val/test);
 * ``attach(backbone, task)``: checks against the backbone at construction (clear errors at start);
+* ``bind_data(data, task)``: called at setup with the task's DataModule (after ``prepare_data``),
+  e.g. to take its text tokenizer; may raise naming the setting;
 * ``reset_evaluation()`` / ``evaluate(backbone, batch, metrics) -> logs`` / ``evaluate_end(backbone,
   metrics)``: start of an evaluation, update ``metrics`` on each validation/test batch, and work done
   once at the end (e.g. generating samples) before the metrics are computed;
@@ -53,6 +55,9 @@ class Head(nn.Module):
 
     def attach(self, backbone: Backbone, task: str) -> None:
         """Validate the head against the backbone; raise naming the setting. Default: nothing."""
+
+    def bind_data(self, data: Any, task: str) -> None:
+        """Take what the head needs from its DataModule (e.g. the text tokenizer). Default: nothing."""
 
     def reset_evaluation(self, active: bool = True) -> None:
         """Called at the start of each validation/test epoch (``active`` False during the sanity check)."""
