@@ -24,6 +24,11 @@ from PIL import Image
 from .shards import AUDIO_EXTS, IMAGE_EXTS, AudioDecodeError, read_audio
 
 MODALITIES = ("image", "audio", "text", "label")
+SAMPLE_REASONS = (
+    "corrupt_image", "truncated_audio", "empty_audio", "undecodable_audio", "non_finite_audio", "empty_text",
+    "bad_label", "unknown_label", *(f"missing_{m}" for m in MODALITIES),
+)
+"""Every :class:`BadSample` reason (audio ones from ``shards.read_audio``)."""
 
 
 class BadSample(Exception):

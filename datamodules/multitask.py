@@ -59,7 +59,9 @@ class MultiTaskDataModule(L.LightningDataModule):
         return self._combined("test_dataloader", "max_size")
 
     def predict_dataloader(self) -> CombinedLoader:
-        return self._combined("predict_dataloader", "max_size")
+        # Lightning's predict loop takes only the sequential mode: one task's loader after another,
+        # each batch a plain batch with dataloader_idx = the task's position in ``tasks``
+        return self._combined("predict_dataloader", "sequential")
 
     def state_dict(self) -> dict[str, Any]:
         return {name: dm.state_dict() for name, dm in self.tasks.items()}

@@ -197,12 +197,16 @@ def wav_truncation(data: bytes) -> str | None:
     """Why a RIFF/WAVE byte string is incomplete, or ``None`` when it is whole (or not a WAV).
 
     libsndfile silently shortens a WAV whose ``data`` chunk holds fewer bytes than its header
-    declares; this walks the chunks and reports that case. Streamed WAVs (size ``0xFFFFFFFF``)
-    and RF64 files are not checked.
+    declares; this walks the chunks and reports that case. It also reports the opposite lie, a
+    ``data`` chunk declaring fewer bytes than its RIFF chunk goes on with, when what follows is
+    not a chunk (sample bytes, which libsndfile would silently drop); bytes after the RIFF
+    chunk (an appended tag) are not looked at. Streamed WAVs (size ``0xFFFFFFFF``) and RF64
+    files are not checked.
     """
     if len(data) < 12 or data[8:12] != b"WAVE" or data[:4] not in (b"RIFF", b"RIFX"):
         return None
     fmt = "<I" if data[:4] == b"RIFF" else ">I"
+    (riff_size,) = struct.unpack(fmt, data[4:8])
     pos = 12
     while pos + 8 <= len(data):
         chunk_id = data[pos : pos + 4]
@@ -211,6 +215,10 @@ def wav_truncation(data: bytes) -> str | None:
             available = len(data) - pos - 8
             if size != 0xFFFFFFFF and available < size:
                 return f"data chunk holds {available} of {size} bytes"
+            after = pos + 8 + size + (size & 1)
+            riff_end = min(len(data), 8 + riff_size) if riff_size != 0xFFFFFFFF else after
+            if size != 0xFFFFFFFF and after + 8 <= riff_end and not all(32 <= b < 127 for b in data[after : after + 4]):
+                return f"data chunk declares {size} bytes but {riff_end - pos - 8} follow in the RIFF chunk"
             return None
         pos += 8 + size + (size & 1)
     return "no data chunk"
@@ -237,7 +245,8 @@ def read_audio(source: str | os.PathLike | bytes, sample_rate: int | None = None
     """Decode an audio file or its bytes to a mono float32 waveform, resampled to ``sample_rate``.
 
     Returns ``(wave, rate)``. Raises :class:`AudioDecodeError` with reason ``undecodable_audio``,
-    ``truncated_audio`` (a WAV shorter than its header says, or fewer frames than declared),
+    ``truncated_audio`` (a WAV shorter than its header says, or fewer frames than declared, or a
+    header that ends the samples early: :func:`wav_truncation`),
     ``empty_audio`` (no frames) or ``non_finite_audio`` (NaN/inf samples).
     """
     data = bytes(source) if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()

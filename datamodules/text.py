@@ -23,7 +23,7 @@ def train_sentencepiece(
     texts: Iterable[str],
     out_path: str | os.PathLike,
     vocab_size: int = 512,
-    model_type: str = "unigram",
+    model_type: str = "bpe",
     character_coverage: float = 1.0,
 ) -> Path:
     """Train a sentencepiece model on ``texts`` and write it atomically to ``out_path``.

@@ -1,8 +1,9 @@
 """LightningModules and task heads; imports ``multimodal`` only."""
 
 from .discriminator import PatchDiscriminator
-from .heads import GenerationHead, Head, ReconstructionHead
+from .heads import CaptioningHead, ClassificationHead, GenerationHead, Head, ReconstructionHead, SpeechHead
 from .judge import JudgeNet
 from .module import MultiTaskModule
 
-__all__ = ["MultiTaskModule", "Head", "GenerationHead", "JudgeNet", "ReconstructionHead", "PatchDiscriminator"]
+__all__ = ["MultiTaskModule", "Head", "GenerationHead", "JudgeNet", "ReconstructionHead", "PatchDiscriminator",
+           "ClassificationHead", "SpeechHead", "CaptioningHead"]

@@ -33,12 +33,18 @@ class MultiTaskModule(L.LightningModule):
     backbone: the shared ``multimodal.Backbone``.
     heads: ``{task name: Head}``; task names match the data module's task names.
     loss_weights: ``{task: weight}``, default 1 for every head.
+    loss_weighting: ``static`` (the weights above) or ``uncertainty`` (Kendall et al. 2018: learned
+        log-variances s_t, total = sum_t w_t * (exp(-s_t) * L_t + s_t); logged as ``train/<task>/weight``).
     lr / weight_decay / betas: AdamW for backbone and heads.
+    backbone_lr: learning rate of the backbone's trainable parameters (default ``lr``), e.g. lower
+        when fine-tuning a trained trunk under new heads.
     warmup_steps / min_lr_ratio: linear warm-up, then cosine decay to ``lr * min_lr_ratio`` at the
         last step (``trainer.max_steps`` or the estimated stepping batches).
     disc_lr: AdamW learning rate of the discriminators (adversarial heads only).
     grad_clip: gradient norm clip in manual optimisation (use ``trainer.gradient_clip_val`` otherwise).
-    check_finite: raise a clear error when a batch holds NaN/Inf (names the task and key).
+    check_finite: skip a training step whose inputs or loss hold NaN/Inf (on every rank at once, so
+        DDP stays in step), counted in ``train/skipped_nonfinite_steps`` with a warning naming the task
+        and key; ``nonfinite_patience`` skips in a row stop the run with a clear error.
     media_every_n_val: write images/audio/text to TensorBoard every n-th validation (0 = never).
     init_from: a checkpoint to initialise from (weights only; e.g. the stage-1 tokenizer). Backbone
         weights whose shapes do not match are an error naming the setting; head weights that do not
@@ -52,7 +58,9 @@ class MultiTaskModule(L.LightningModule):
         backbone: Backbone,
         heads: dict[str, Head],
         loss_weights: dict[str, float] | None = None,
+        loss_weighting: str = "static",
         lr: float = 2e-4,
+        backbone_lr: float | None = None,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.99),
         warmup_steps: int = 100,
@@ -60,6 +68,7 @@ class MultiTaskModule(L.LightningModule):
         disc_lr: float = 2e-4,
         grad_clip: float | None = 1.0,
         check_finite: bool = True,
+        nonfinite_patience: int = 20,
         media_every_n_val: int = 1,
         init_from: str | None = None,
         freeze: list[str] | None = None,
@@ -76,11 +85,20 @@ class MultiTaskModule(L.LightningModule):
                 backbone.codec(modality)  # raises, naming the missing codec
             if not isinstance(head, Head):
                 raise TypeError(f"model.heads.{task} is a {type(head).__name__}, not a tasks.heads.Head")
+        if loss_weighting not in ("static", "uncertainty"):
+            raise ValueError(f"model.loss_weighting must be 'static' or 'uncertainty', got {loss_weighting!r}")
+        for name, value in (("lr", lr), ("backbone_lr", backbone_lr)):
+            if value is not None and not value > 0:
+                raise ValueError(f"model.{name} must be positive, got {value}")
         self.save_hyperparameters()
         _drop_module_hparams(self)
         self.backbone = backbone
         self.heads = nn.ModuleDict(heads)
         self.loss_weights = {task: float(loss_weights.get(task, 1.0)) for task in heads}
+        # learned log-variances for uncertainty weighting (in the state dict: they resume exactly)
+        self.log_vars = nn.ParameterDict(
+            {task: nn.Parameter(torch.zeros(())) for task in heads} if loss_weighting == "uncertainty" else {}
+        )
         self.metrics = nn.ModuleDict(
             {stage: nn.ModuleDict({task: head.build_metrics(backbone) for task, head in heads.items()}) for stage in ("val", "test")}
         )
@@ -97,6 +115,9 @@ class MultiTaskModule(L.LightningModule):
         self.automatic_optimization = not self.adversarial
         self._media_batches: dict[str, dict[str, Any]] = {}
         self._val_count = 0
+        self._nonfinite_total = 0
+        self._nonfinite_run = 0
+        self._counts: dict[str, dict[str, float]] = {}
 
     # ------------------------------------------------------------------ fine-tuning
     def _module(self, name: str) -> nn.Module:
@@ -151,7 +172,8 @@ class MultiTaskModule(L.LightningModule):
             )
         return {next(iter(self.heads)): batch}
 
-    def _check(self, task: str, batch: dict[str, Any]) -> None:
+    def _check(self, task: str, batch: dict[str, Any]) -> str | None:
+        """Raise naming a missing key; return the first batch key holding NaN/Inf (or None)."""
         head = self.heads[task]
         missing = [k for k in head.required_keys if k not in batch]
         if missing:
@@ -159,31 +181,82 @@ class MultiTaskModule(L.LightningModule):
         if self.hparams.check_finite:
             for key, value in batch.items():
                 if isinstance(value, Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-                    raise ValueError(f"non-finite values (NaN/Inf) in batch key {key!r} of task {task!r}")
+                    return key
+        return None
 
     def _log_counts(self, task: str, batch: dict[str, Any], stage: str) -> None:
+        """Add the data layer's skip counts of this batch to the stage's tally (logged at epoch end)."""
+        tally = self._counts.setdefault(stage, {})
         for event, n in batch.get(COUNTS_KEY, {}).items():
-            self.log(f"data/{stage}/{task}/{event}", float(n), reduce_fx="sum", on_step=False, on_epoch=True,
-                     batch_size=1, sync_dist=True)
+            key = f"data/{stage}/{task}/{event}"
+            tally[key] = tally.get(key, 0.0) + float(n)
+
+    def _flush_counts(self, stage: str) -> None:
+        """Log the tally summed over ranks. Every rank logs the UNION of the keys (zeros where it had
+        none): ranks that logged different keys would issue different collectives and hang."""
+        tally = self._counts.pop(stage, {})
+        keys = set(tally)
+        if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, sorted(keys))
+            keys = set().union(*map(set, gathered))
+        for key in sorted(keys):
+            self.log(key, tally.get(key, 0.0), reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1,
+                     sync_dist=True)
 
     def _batch_size(self, batch: dict[str, Any]) -> int:
         return len(batch["__key__"]) if "__key__" in batch else 1
 
     # ------------------------------------------------------------------ training
-    def _losses(self, batch: Any) -> Tensor:
-        total = None
+    def _losses(self, batch: Any) -> Tensor | None:
+        """The weighted sum of the heads' losses, or None when the step is skipped (non-finite)."""
+        total, bad = None, None
         for task, sub in self._route(batch).items():
-            self._check(task, sub)
+            key = self._check(task, sub)
+            if key is not None:
+                bad = bad or f"batch key {key!r} of task {task!r}"
             loss, logs = self.heads[task].loss(self.backbone, sub, self.global_step)
             n = self._batch_size(sub)
+            if bool(self.hparams.check_finite) and bad is None and not torch.isfinite(loss.detach()).all():
+                bad = f"the loss of task {task!r}"
             self.log(f"train/{task}/loss", loss.detach(), batch_size=n)
             for name, value in logs.items():
                 self.log(f"train/{task}/{name}", value, batch_size=n)
             self._log_counts(task, sub, "train")
-            weighted = self.loss_weights[task] * loss
+            weighted = self.loss_weights[task] * self._weigh(task, loss)
             total = weighted if total is None else total + weighted
+        if self.hparams.check_finite and self._skip_nonfinite(bad):
+            return None
         self.log("train/loss", total.detach(), prog_bar=True)
         return total
+
+    def _weigh(self, task: str, loss: Tensor) -> Tensor:
+        """``L`` (static) or ``exp(-s) * L + s`` with the task's learned log-variance ``s`` (uncertainty)."""
+        if task not in self.log_vars:
+            return loss
+        s = self.log_vars[task]
+        self.log(f"train/{task}/weight", torch.exp(-s.detach()))
+        return torch.exp(-s) * loss + s
+
+    def _skip_nonfinite(self, bad: str | None) -> bool:
+        """Agree over all ranks whether this step holds NaN/Inf; count it, and give up when it persists."""
+        flag = torch.tensor(float(bad is not None), device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            flag = self.trainer.strategy.reduce(flag, reduce_op="max")
+        if not flag.item():
+            self._nonfinite_run = 0
+            return False
+        self._nonfinite_total += 1
+        self._nonfinite_run += 1
+        log.warning("step %d skipped: non-finite values in %s (%d skipped so far)", self.global_step,
+                    bad or "another rank's batch", self._nonfinite_total)
+        self.log("train/skipped_nonfinite_steps", float(self._nonfinite_total), reduce_fx="max")
+        if self._nonfinite_run >= self.hparams.nonfinite_patience:
+            raise RuntimeError(
+                f"{self._nonfinite_run} training steps in a row had NaN/Inf ({bad or 'on another rank'}): "
+                "stopping. Lower model.lr, check the data, or raise model.nonfinite_patience."
+            )
+        return True
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         if self.automatic_optimization:
@@ -191,6 +264,8 @@ class MultiTaskModule(L.LightningModule):
         opt_g, opt_d = self.optimizers()
         sched_g, sched_d = self.lr_schedulers()
         loss = self._losses(batch)
+        if loss is None:
+            return None
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         if self.hparams.grad_clip:
@@ -216,7 +291,13 @@ class MultiTaskModule(L.LightningModule):
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, batch: Any, stage: str) -> None:
         for task, sub in self._route(batch).items():
-            self._check(task, sub)
+            key = self._check(task, sub)
+            if key is not None:
+                log.warning("%s batch of task %r skipped: non-finite values in key %r", stage, task, key)
+                tally = self._counts.setdefault(stage, {})
+                name = f"data/{stage}/{task}/skipped/nonfinite_batches"
+                tally[name] = tally.get(name, 0.0) + 1.0
+                continue
             head = self.heads[task]
             logs = head.evaluate(self.backbone, sub, self.metrics[stage][task])
             n = self._batch_size(sub)
@@ -235,7 +316,11 @@ class MultiTaskModule(L.LightningModule):
         for head in self.heads.values():
             head.reset_evaluation(active=not self.trainer.sanity_checking)
 
+    def on_train_epoch_end(self) -> None:
+        self._flush_counts("train")
+
     def _epoch_end(self, stage: str) -> None:
+        self._flush_counts(stage)
         self._log_shared_codebook(stage)
         for task, metrics in self.metrics[stage].items():
             head = self.heads[task]
@@ -246,6 +331,8 @@ class MultiTaskModule(L.LightningModule):
                 value = metric.compute()
                 values = _flatten(value) if isinstance(value, dict) else {name: value}
                 for key, v in values.items():
+                    if isinstance(v, Tensor) and v.numel() != 1:
+                        continue  # e.g. a confusion matrix: the head draws it in log_media
                     self.log(f"{stage}/{task}/{key}", v, sync_dist=False)
             metrics.reset()
             if stage == "val" and task in self._media_batches and self._media_due():
@@ -290,6 +377,10 @@ class MultiTaskModule(L.LightningModule):
         self._epoch_end("test")
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, list[dict[str, Any]]]:
+        tasks = getattr(getattr(self.trainer, "datamodule", None), "tasks", None)
+        if isinstance(tasks, dict) and len(self.heads) > 1 and isinstance(batch, dict) and "__key__" in batch:
+            task = list(tasks)[dataloader_idx]  # MultiTaskDataModule predicts task after task (sequential)
+            return {task: self.heads[task].predict(self.backbone, batch)}
         return {task: self.heads[task].predict(self.backbone, sub) for task, sub in self._route(batch).items()}
 
     # ------------------------------------------------------------------ checks before the first step
@@ -353,7 +444,13 @@ class MultiTaskModule(L.LightningModule):
         hp = self.hparams
         disc_params = {id(p) for h in self.heads.values() if h.discriminator is not None for p in h.discriminator.parameters()}
         params = [p for p in self.parameters() if p.requires_grad and id(p) not in disc_params]
-        opt = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        backbone_ids = {id(p) for p in self.backbone.parameters()}
+        groups = [
+            {"params": [p for p in params if id(p) in backbone_ids], "lr": hp.get("backbone_lr") or hp.lr},
+            {"params": [p for p in params if id(p) not in backbone_ids], "lr": hp.lr},
+        ]
+        groups = [g for g in groups if g["params"]]
+        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
         sched = {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, self._schedule), "interval": "step"}
         if not self.adversarial:
             return {"optimizer": opt, "lr_scheduler": sched}

@@ -65,3 +65,26 @@ def build_shards(
 @pytest.fixture(scope="session")
 def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_run(shard_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny stage-1 run (images + audio, 64 codes of dim 16) that stage-2 recipes build on."""
+    from multimodal.cli import main
+    from tests.tiny import write_tiny_config
+
+    run = tmp_path_factory.mktemp("tok") / "run"
+    main(["fit", "--config", str(write_tiny_config("tokenizer.yaml", shard_dir, run))])
+    return run
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are skipped where CUDA is missing (CI never has a GPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

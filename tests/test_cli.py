@@ -84,3 +84,44 @@ def test_fit_on_embedded_demo_data(tmp_path: Path) -> None:
     info = json.loads(next((tmp_path / "cache").glob("digits-*/info.json")).read_text())
     assert info["classes"] == [str(d) for d in range(10)]
     assert next((tmp_path / "run").rglob("*step=2.ckpt"))
+
+
+def test_nonfinite_loss_skips_the_step_then_stops(tmp_path) -> None:
+    """A NaN loss skips the step (counted); NaN every step stops the run with a clear message."""
+    import lightning as L
+    import pytest as _pytest
+    import torch
+
+    from multimodal import Backbone, ImageCodec, VectorQuantizer
+    from tasks import MultiTaskModule, ReconstructionHead
+
+    class Flaky(ReconstructionHead):
+        def __init__(self, bad_steps):
+            super().__init__(modality="image")
+            self.bad_steps = bad_steps
+            self.calls = 0
+
+        def loss(self, backbone, batch, step):
+            loss, logs = super().loss(backbone, batch, step)
+            self.calls += 1
+            return (loss * float("nan") if self.calls in self.bad_steps else loss), logs
+
+    def build(bad_steps, patience=20):
+        backbone = Backbone(quantizer=VectorQuantizer(num_codes=16, dim=8),
+                            codecs={"image": ImageCodec(preset="tiny", in_channels=3, image_size=16, code_dim=8)})
+        return MultiTaskModule(backbone, {"x": Flaky(bad_steps)}, nonfinite_patience=patience, lr=1e-3)
+
+    items = [{"image": torch.rand(2, 3, 16, 16) * 2 - 1, "__key__": ["a", "b"]} for _ in range(6)]
+    batches = torch.utils.data.DataLoader(items, batch_size=None)
+    model = build({2, 4})
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(model, train_dataloaders=batches)
+    # Lightning still counts the (gradient-free, hence no-op) optimizer call of a skipped step
+    assert trainer.global_step == 6 and model._nonfinite_total == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    model = build(set(range(1, 7)), patience=3)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path)
+    with _pytest.raises(RuntimeError, match="3 training steps in a row had NaN"):
+        trainer.fit(model, train_dataloaders=batches)

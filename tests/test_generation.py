@@ -17,19 +17,9 @@ from datamodules import WebDataModule
 from multimodal import Backbone, DiffusionTransformer, GaussianDiffusion
 from multimodal.cli import main
 from tasks import GenerationHead, MultiTaskModule
-from tests.test_tokenizer import _tiny_tokenizer_config
+from tests.tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_run(shard_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny stage-1 run (images + audio, 64 codes of dim 16) to build stage 2 on."""
-    run = tmp_path_factory.mktemp("tok")
-    path = run / "cfg.yaml"
-    path.write_text(yaml.safe_dump(_tiny_tokenizer_config(shard_dir, run / "run")))
-    main(["fit", "--config", str(path)])
-    return run / "run"
 
 
 def _trunk(**kw) -> DiffusionTransformer:
@@ -108,45 +98,7 @@ def test_bad_generation_settings_fail_at_start(tokenizer_run: Path, shard_dir: P
 
 
 def _tiny_generation_config(name: str, shard_dir: Path, tokenizer_run: Path, run_dir: Path) -> dict:
-    cfg = yaml.safe_load((ROOT / "configs" / name).read_text())
-    model = cfg["model"]["init_args"]
-    model["backbone"]["init_args"]["tokenizer_ckpt"] = str(tokenizer_run)
-    model["backbone"]["init_args"]["trunk"]["init_args"].update(preset="tiny", in_dim=16)
-    if "text_vocab_size" in model["backbone"]["init_args"]["trunk"]["init_args"]:
-        model["backbone"]["init_args"]["trunk"]["init_args"]["text_vocab_size"] = 64
-    for head in model["heads"].values():
-        head["init_args"].update(sample_steps=2, eval_samples=4, num_classes=3)
-        if head["init_args"].get("modality") == "audio":
-            head["init_args"]["audio_tokens"] = 5
-    if "num_classes" in model["backbone"]["init_args"]["trunk"]["init_args"]:
-        model["backbone"]["init_args"]["trunk"]["init_args"]["num_classes"] = 3
-    data = cfg["data"]["init_args"]
-    data.pop("demo")
-    data.update(root=str(shard_dir), batch_size=4, samples_per_epoch=8)
-    if "vocab_size" in data:
-        data["vocab_size"] = 40
-    cfg["trainer"].update(max_steps=2, val_check_interval=2, limit_val_batches=1, default_root_dir=str(run_dir),
-                          enable_progress_bar=False)
-    cfg["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 2
-    return cfg
-
-
-@pytest.mark.parametrize("name", ["generation.yaml", "generation_shapes.yaml", "generation_audio.yaml"])
-def test_generation_configs_fit(name: str, shard_dir: Path, tokenizer_run: Path, tmp_path: Path) -> None:
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(_tiny_generation_config(name, shard_dir, tokenizer_run, tmp_path / "run")))
-    main(["fit", "--config", str(path)])
-    ckpt = next((tmp_path / "run").rglob("last.ckpt"))
-    if name == "generation_shapes.yaml":
-        return
-    # lightning predict writes one file per sample next to its key, plus the JSONL records
-    main(["predict", "--config", str(path), f"--ckpt_path={ckpt}"])
-    task = "spoken" if "audio" in name else "digits"
-    jsonl = next((tmp_path / "run").rglob(f"predictions/{task}.jsonl"))
-    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    assert len(records) == 8 and all("label" in r for r in records)  # the whole test split
-    media = "audio" if "audio" in name else "image"
-    assert all(Path(r[media]).is_file() and Path(r[media]).stem == r["__key__"] for r in records)
+    return tiny_config(name, shard_dir, run_dir, tokenizer_run)
 
 
 def test_sample_script_writes_files_deterministically(shard_dir: Path, tokenizer_run: Path, tmp_path: Path) -> None:

@@ -91,8 +91,7 @@ def test_bad_input_is_named(shard_dir: Path, tmp_path: Path) -> None:
     model = MultiTaskModule(tiny_backbone(audio=False), {"img": ReconstructionHead("image")})
     batch = {"image": torch.zeros(2, 3, 32, 32), "__key__": ["a", "b"]}
     batch["image"][1, 0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN/Inf.*'image'.*'img'"):
-        model._check("img", batch)
+    assert model._check("img", batch) == "image"  # named; the step is skipped (tests/test_cli.py)
     with pytest.raises(KeyError, match="needs batch keys \\['image'\\]"):
         model._check("img", {"audio": torch.zeros(1, 10), "__key__": ["a"]})
     # a head whose data does not load what it needs fails before the first step

@@ -1,7 +1,10 @@
 """Task heads: small modules following the protocol in ``tasks.heads.base``."""
 
 from .base import Head
+from .captioning import CaptioningHead
+from .classification import ClassificationHead
 from .generation import GenerationHead
 from .reconstruction import ReconstructionHead
+from .speech import SpeechHead
 
-__all__ = ["Head", "GenerationHead", "ReconstructionHead"]
+__all__ = ["Head", "GenerationHead", "ReconstructionHead", "ClassificationHead", "SpeechHead", "CaptioningHead"]

@@ -272,8 +272,10 @@ class GenerationHead(Head):
             metrics["fid_cls"].update(judged, real=False)
             samples.append(judged[: self.num_media] if not samples else judged[:0])
         self.last_samples = torch.cat(samples)[: self.num_media]
-        if self._floor:
+        if len(self._floor) > 1:
             metrics["fid_cls_floor"].update(torch.stack(self._floor).to(device), real=False)
+        else:  # no training data seen in this process (e.g. `lightning test` from a checkpoint)
+            metrics["fid_cls_floor"].reset()
 
     def _eval_targets(self, device: torch.device) -> tuple[Tensor, Tensor | None, Tensor | None]:
         n = self.eval_samples
