@@ -616,6 +616,12 @@ class WebDataModule(L.LightningDataModule):
             raise ValueError(f"data set {self.name} has no split {split!r} (it has {sorted(self.info['splits'])})")
         return [str(self.data_dir / s) for s in entry["shards"]]
 
+    def split_texts(self, split: str = "train") -> list[str]:
+        """The non-empty texts (``txt`` members) of a split, in shard order; nothing else is decoded.
+        Used to train the sentencepiece model and by heads that need text statistics (e.g. the
+        captioning head's most-frequent-caption baseline)."""
+        return [t.strip() for t in _read_texts(self.split_urls(split)) if t.strip()]
+
     @property
     def tokenizer_file(self) -> Path | None:
         if self.cfg.tokenizer_path:
@@ -631,8 +637,7 @@ class WebDataModule(L.LightningDataModule):
         if "text" in self.keys and self.tokenizer_file is not None and not self.tokenizer_file.exists():
             if self.cfg.tokenizer_path:
                 raise FileNotFoundError(f"data.tokenizer_path does not exist: {self.cfg.tokenizer_path}")
-            texts = _read_texts(self.split_urls("train"))
-            train_sentencepiece(texts, self.tokenizer_file, vocab_size=self.cfg.vocab_size,
+            train_sentencepiece(self.split_texts("train"), self.tokenizer_file, vocab_size=self.cfg.vocab_size,
                                 model_type=self.cfg.text_model_type)
 
     def setup(self, stage: str | None = None) -> None:

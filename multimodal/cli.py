@@ -51,6 +51,16 @@ def write_metrics_report(metrics: dict[str, Any], out_dir: str | os.PathLike, st
 class MultimodalCLI(LightningCLI):
     """LightningCLI with this project's defaults and a metrics report after ``test``."""
 
+    def _prepare_subcommand_parser(self, trainer_class: type, subcommand: str, **kwargs: Any) -> Any:
+        """Default ``--weights_only true`` for fit/validate/test/predict: ``--ckpt_path`` checkpoints are
+        read with ``torch.load(weights_only=True)`` (tensors and plain containers, no pickled code).
+        ``--weights_only false`` is needed only for a checkpoint holding arbitrary Python objects, and
+        is safe only with files you trust."""
+        parser = super()._prepare_subcommand_parser(trainer_class, subcommand, **kwargs)
+        if any(getattr(action, "dest", None) == "weights_only" for action in parser._actions):
+            parser.set_defaults(weights_only=True)
+        return parser
+
     def after_test(self) -> None:
         trainer = self.trainer
         if not trainer.is_global_zero:

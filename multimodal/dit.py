@@ -173,6 +173,9 @@ class DiffusionTransformer(nn.Module):
         cond_dropout_prob: training probability of dropping a sample's condition tokens (all masked).
         drop_path: stochastic depth rate of the last block (linearly increasing from 0).
         grad_checkpointing: recompute each block in backward (torch.utils.checkpoint) in training.
+        sequence_output: with patch_size 2, give 1-D sequences (audio) their own output projection so
+            the trunk can DENOISE them; False when no head generates audio (audio is then only encoded,
+            by ``features``), so no parameter goes unused (plain DDP needs every parameter in the loss).
         frequency_size: sinusoidal timestep features before the timestep MLP.
     """
 
@@ -192,6 +195,7 @@ class DiffusionTransformer(nn.Module):
         drop_path: float = 0.0,
         grad_checkpointing: bool = False,
         frequency_size: int = 256,
+        sequence_output: bool = True,
     ) -> None:
         super().__init__()
         cfg = resolve_preset(PRESETS, preset, "DiffusionTransformer", depth=depth, hidden_size=hidden_size,
@@ -239,7 +243,7 @@ class DiffusionTransformer(nn.Module):
         self.modality_embed = nn.Parameter(torch.zeros(len(MODALITIES), hidden_size))
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, r) for r in rates)
-        self.final_layer = FinalLayer(hidden_size, in_dim * p2, in_dim if patch_size > 1 else None)
+        self.final_layer = FinalLayer(hidden_size, in_dim * p2, in_dim if patch_size > 1 and sequence_output else None)
         self._pos_cache: dict[tuple, Tensor] = {}
         self.initialize_weights()
 
@@ -450,6 +454,9 @@ class DiffusionTransformer(nn.Module):
         """
         h, c, grid = self._trunk(x, t, modality, y, cond_ids, cond_mask, x_mask, grid, drop_condition,
                                  cond_latents, cond_modality, cond_grid)
+        if grid is None and self.patch_size > 1 and self.final_layer.linear_seq is None:
+            raise ValueError("DiffusionTransformer: this trunk has no sequence output (sequence_output=False): "
+                             f"it cannot denoise {modality} latents; set sequence_output: true")
         out = self.final_layer(h, c, sequence=grid is None)
         if grid is not None:
             out = unpatchify(out, grid, self.patch_size)

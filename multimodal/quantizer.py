@@ -29,7 +29,7 @@ sums equal to the codes; the projections keep PyTorch's default Linear initialis
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -264,11 +264,15 @@ class VectorQuantizer(nn.Module):
             self.codebook = nn.Parameter(codebook)
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
         self.usage = CodeUsage(num_codes, usage_window, dead_code_steps)
-        # Recent encoder outputs to restart dead codes from: a ring buffer made on first use. A plain
-        # attribute, not a buffer: not checkpointed, and not re-broadcast by DDP on every step.
+        # Recent encoder outputs to restart dead codes from: a ring buffer made on first use, and the
+        # quantizer's own random generator for the restart draws. Both travel in the state dict as
+        # extra state (checkpointed, so a resumed run restarts the same codes as an uninterrupted
+        # one) and are not buffers (DDP does not re-broadcast them every step).
         self._recent: Tensor | None = None
         self._recent_filled = 0
         self._recent_ptr = 0
+        self._generator: torch.Generator | None = None
+        self._generator_state: Tensor | None = None
         self._init_done = not kmeans_init  # host-side copy of `initialized`: no device sync per step
         self._init_data: list[Tensor] = []
         self.register_load_state_dict_post_hook(_refresh_init_flag)
@@ -397,7 +401,8 @@ class VectorQuantizer(nn.Module):
             parts.append(sums)
         if self.restart_dead_codes:
             self._remember(flat, valid)
-            pick = torch.randint(self._recent_filled, (self.num_codes,), device=flat.device)
+            pick = torch.randint(self._recent_filled, (self.num_codes,), device=flat.device,
+                                 generator=self._rng(flat.device))
             candidates = self._recent[pick]
             if sync and dist.get_rank() != 0:
                 candidates = torch.zeros_like(candidates)
@@ -428,17 +433,54 @@ class VectorQuantizer(nn.Module):
             self.usage.mark_reset(dead)
         return counts, dead
 
+    def _rng(self, device: torch.device) -> torch.Generator:
+        """The restart draws' generator on ``device``: seeded from torch's initial seed (so
+        ``seed_everything`` fixes it), or restored from a checkpoint."""
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            if self._generator_state is not None:
+                self._generator.set_state(self._generator_state)
+            else:
+                self._generator.manual_seed(torch.initial_seed() % 2**63)
+        return self._generator
+
+    def get_extra_state(self) -> dict[str, Any]:
+        filled = self._recent_filled if self._recent is not None else 0
+        return {
+            "recent": self._recent[:filled].detach().cpu().clone() if filled else torch.zeros(0, self.code_dim),
+            "ptr": self._recent_ptr,
+            "rng": self._generator.get_state() if self._generator is not None else self._generator_state,
+        }
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # checkpoints written before the restart state was saved: start it afresh instead of failing
+        # (load_state_dict hands every module its own copy of the dict)
+        state_dict.setdefault(prefix + "_extra_state", {"recent": None, "ptr": 0, "rng": None})
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        recent = state.get("recent")
+        self._recent, self._recent_filled, self._recent_ptr = None, 0, int(state.get("ptr", 0))
+        if recent is not None and recent.numel():
+            self._recent = recent.new_zeros(self.restart_buffer_size, self.code_dim)
+            self._recent[: recent.shape[0]] = recent
+            self._recent_filled = recent.shape[0]
+        self._generator, self._generator_state = None, state.get("rng")
+
     @torch.no_grad()
     def _remember(self, flat: Tensor, valid: Tensor | None) -> None:
         """Write a random sample of this batch's valid tokens into the ring buffer of recent outputs."""
-        if self._recent is None or self._recent.device != flat.device:
+        if self._recent is None:
             self._recent = flat.new_zeros(self.restart_buffer_size, self.code_dim)
             self._recent_filled = self._recent_ptr = 0
+        elif self._recent.device != flat.device or self._recent.dtype != flat.dtype:
+            self._recent = self._recent.to(flat.device, flat.dtype)  # e.g. restored on CPU, trained on GPU
         m = min(flat.shape[0], max(1, self.restart_buffer_size // 4))
+        rng = self._rng(flat.device)
         if valid is None:
-            rows = torch.randint(flat.shape[0], (m,), device=flat.device)
+            rows = torch.randint(flat.shape[0], (m,), device=flat.device, generator=rng)
         else:  # sample valid rows; uniform over all rows if none is valid (no host sync either way)
-            rows = torch.multinomial(valid + (valid.sum() == 0).to(valid.dtype), m, replacement=True)
+            rows = torch.multinomial(valid + (valid.sum() == 0).to(valid.dtype), m, replacement=True, generator=rng)
         slots = (torch.arange(m, device=flat.device) + self._recent_ptr) % self.restart_buffer_size
         self._recent.index_copy_(0, slots, flat[rows])
         self._recent_ptr = (self._recent_ptr + m) % self.restart_buffer_size

@@ -48,7 +48,7 @@ class DDPProbe(L.Callback):
         for name, tensor in sorted(pl_module.state_dict().items()):
             if torch.is_tensor(tensor):
                 digest.update(name.encode())
-                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         self.out_dir.mkdir(parents=True, exist_ok=True)
         record = {
             "rank": trainer.global_rank,

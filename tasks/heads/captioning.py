@@ -14,7 +14,7 @@ and scored against its caption with ``bleu4`` (corpus BLEU-4), ``rouge_l`` (ROUG
 evaluated references). The same four metrics are computed for a BASELINE that writes the most
 frequent training caption for every input (``baseline_bleu4``, ``baseline_rouge_l``, ...), so every
 report shows the gap. The baseline caption is the most frequent caption of the training split when
-the data module exposes local shards (``split_urls('train')``: read once, at the first evaluation;
+the data module can list it (``data.split_texts('train')``: read once, at the first evaluation;
 the same in ``fit`` and in ``test`` from a checkpoint); otherwise the most frequent caption seen in
 training ``loss`` calls (a counter on the head, not checkpointed, per rank); with neither (e.g.
 ``test`` from URLs without training) the baseline metrics are not reported.
@@ -22,16 +22,16 @@ training ``loss`` calls (a counter on the head, not checkpointed, per rank); wit
 
 from __future__ import annotations
 
-import os
-import tarfile
+import logging
 from collections import Counter
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics import MetricCollection
-from torchmetrics.text import BLEUScore, CHRFScore, ROUGEScore
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.functional.text.rouge import rouge_score
+from torchmetrics.text import BLEUScore, CHRFScore
 
 from multimodal.backbone import Backbone
 from tasks.cider import CIDErD
@@ -44,31 +44,36 @@ METRICS = ("bleu4", "rouge_l", "chrf", "cider_d")
 MAX_DISTINCT_CAPTIONS = 100_000  # the training-caption counter stops adding new captions beyond this
 
 
-class RougeLF(ROUGEScore):
-    """ROUGE-L whose ``compute`` is the F-measure alone (a scalar, logged as one value)."""
+class RougeLF(Metric):
+    """ROUGE-L F-measure averaged over captions (torchmetrics' ``rouge_score`` per batch).
+
+    Sum and count are scalar states (summed over DDP ranks); torchmetrics' ``ROUGEScore`` keeps one
+    list entry per caption, and list states with different lengths per rank made its sync issue
+    different collectives on different ranks (a gloo size mismatch in the DDP test).
+    """
+
+    full_state_update = False
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(rouge_keys="rougeL", **kwargs)
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: list[str], target: list[list[str]] | list[str]) -> None:
+        if not preds:
+            return
+        score = rouge_score(preds, target, rouge_keys="rougeL")["rougeL_fmeasure"]
+        self.total += score.double() * len(preds)
+        self.count += len(preds)
 
     def compute(self) -> Tensor:
-        return super().compute()["rougeL_fmeasure"]
+        return (self.total / self.count.clamp(min=1)).float()
 
+
+log = logging.getLogger(__name__)
 
 def _text_metrics() -> dict[str, Any]:
     return {"bleu4": BLEUScore(n_gram=4), "rouge_l": RougeLF(), "chrf": CHRFScore(), "cider_d": CIDErD()}
-
-
-def _read_shard_captions(urls: list[str]) -> list[str]:
-    """The ``.txt`` members of local tar shards (nothing else is decoded)."""
-    captions = []
-    for url in urls:
-        with tarfile.open(url) as tar:
-            for member in tar:
-                if member.isfile() and member.name.endswith(".txt"):
-                    text = tar.extractfile(member).read().decode("utf-8", errors="replace").strip()
-                    if text:
-                        captions.append(text)
-    return captions
 
 
 class CaptioningHead(Head):
@@ -121,7 +126,7 @@ class CaptioningHead(Head):
         self.decoder = TextDecoder(vocab_size, trunk_hidden, width=width, depth=depth, num_heads=num_heads,
                                    dropout=dropout, max_length=max_length)
         self.caption_counts: Counter[str] = Counter()  # captions seen in training (not checkpointed)
-        self._train_shards: list[str] | None = None
+        self._data: Any = None
         self._split_baseline: str | None = None
 
     # ------------------------------------------------------------------ checks and data
@@ -134,17 +139,16 @@ class CaptioningHead(Head):
 
     def bind_data(self, data: Any, task: str) -> None:
         self.vocab.bind(getattr(data, "tokenizer", None), task)
-        try:
-            urls = list(data.split_urls("train"))
-        except Exception:  # no training split (e.g. URLs for test only): fall back to the counter
-            urls = []
-        if urls and all(os.path.isfile(u) for u in urls) and urls != self._train_shards:
-            self._train_shards, self._split_baseline = urls, None
+        self._data = data  # the baseline's training captions are read lazily, at the first evaluation
 
     def baseline_caption(self) -> str | None:
         """The most frequent training caption (see the module docstring), or None when unknown."""
-        if self._train_shards and self._split_baseline is None:
-            captions = Counter(_read_shard_captions(self._train_shards))
+        if self._split_baseline is None and self._data is not None:
+            try:
+                captions = Counter(self._data.split_texts("train"))
+            except Exception as err:  # no training split (e.g. URLs for test only): use the counter
+                log.info("captioning baseline: no training captions from the data (%s)", err)
+                captions = Counter()
             self._split_baseline = captions.most_common(1)[0][0] if captions else ""
         if self._split_baseline:
             return self._split_baseline
