@@ -272,7 +272,7 @@ def _head(**kw) -> CaptioningHead:
 
 def test_long_and_empty_captions_are_counted_not_fatal(caption_parts) -> None:
     backbone, data = caption_parts
-    head = _head()
+    head = _head(max_length=16)  # 14 pieces: "a small square" (14 characters) always fits
     MultiTaskModule(backbone, {"cap": head})  # attach
     head.bind_data(data, "cap")
     head.train()
