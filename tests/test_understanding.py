@@ -181,3 +181,45 @@ def test_recipes_fit_test_and_predict(name: str, task: str, metric: str, fields:
             acc.Reload()
             tags |= set(acc.Tags()["images"])
         assert f"val/{task}/confusion_matrix" in tags, tags
+
+
+def test_feature_norm_standardises_real_tokens_only() -> None:
+    from tasks.heads.features import FeatureNorm
+
+    torch.manual_seed(0)
+    norm = FeatureNorm(8)
+    h = torch.randn(3, 5, 8) * 4.0 + torch.linspace(-20, 20, 8)  # a large per-channel offset
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    out = norm(h, mask)
+    real = out[mask]
+    assert torch.allclose(real.mean(0), torch.zeros(8), atol=1e-5)
+    assert torch.allclose(real.var(0, unbiased=False), torch.ones(8), atol=1e-3)
+    assert torch.equal(out[~mask], torch.zeros_like(out[~mask]))  # padding stays 0
+    # the padded values never reach the statistics
+    h2 = h.clone()
+    h2[~mask] = 1e6
+    assert torch.allclose(norm(h2, mask)[mask], real, atol=1e-5)
+    # evaluation uses the running statistics; a one-token training batch does not crash
+    norm.eval()
+    assert not torch.allclose(norm(h, mask)[mask], real)
+    norm.train()
+    assert norm(h[:1, :1], None).shape == (1, 1, 8)
+
+
+def test_feature_norm_setting_is_checked() -> None:
+    with pytest.raises(ValueError, match="feature_norm must be one of"):
+        ClassificationHead(modality="image", num_classes=10, trunk_hidden=64, feature_norm="layer")
+    head = ClassificationHead(modality="image", num_classes=10, trunk_hidden=64)
+    assert head.reader.norm is not None  # batch is the default
+    assert ClassificationHead(modality="image", num_classes=10, trunk_hidden=64, feature_norm="none").reader.norm is None
+
+
+def test_checkpoint_from_before_feature_norm_loads_without_it() -> None:
+    old = ClassificationHead(modality="image", num_classes=10, trunk_hidden=64, feature_norm="none")
+    new = ClassificationHead(modality="image", num_classes=10, trunk_hidden=64)
+    with pytest.warns(UserWarning, match="before feature_norm"):
+        new.load_state_dict(old.state_dict())
+    assert new.reader.norm is None
+    h = torch.randn(2, 4, 64)
+    old.eval(), new.eval()
+    assert torch.equal(old.classify(h), new.classify(h))

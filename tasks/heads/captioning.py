@@ -83,6 +83,7 @@ class CaptioningHead(Head):
     max_length: ids per caption including BOS and EOS (longer captions are truncated and counted);
         also the longest generated caption.
     source: ``quantized`` (code vectors) or ``continuous`` (encoder output) trunk input.
+    feature_norm: ``batch`` (standardise the trunk features per channel, see ``tasks.heads.features``) or ``none``.
     trunk_hidden: the trunk's hidden size (the decoder's memory width); must equal
         ``model.backbone.trunk`` 's hidden size (checked at construction).
     width / depth / num_heads / dropout: the decoder's size and dropout.
@@ -97,6 +98,7 @@ class CaptioningHead(Head):
         vocab_size: int = 512,
         max_length: int = 32,
         source: str = "quantized",
+        feature_norm: str = "batch",
         trunk_hidden: int = 256,
         width: int = 256,
         depth: int = 3,
@@ -121,7 +123,7 @@ class CaptioningHead(Head):
         self.num_media = num_media
         self.required_keys = (*keys, "text")
         self.backbone_modalities = (modality,)
-        self.features = TrunkFeatures(modality, source)
+        self.features = TrunkFeatures(modality, source, feature_norm, trunk_hidden)
         self.vocab = TextVocabulary("sentencepiece", vocab_size, max_length)
         self.decoder = TextDecoder(vocab_size, trunk_hidden, width=width, depth=depth, num_heads=num_heads,
                                    dropout=dropout, max_length=max_length)

@@ -104,6 +104,7 @@ class ClassificationHead(Head):
         are built from it at construction (so checkpoints load) and it is checked against
         ``model.backbone.trunk.hidden_size``.
     source: ``quantized`` or ``continuous`` trunk inputs (see ``tasks.heads.features``).
+    feature_norm: ``batch`` (standardise the trunk features per channel, see ``tasks.heads.features``) or ``none``.
     pooling: ``attention`` (a learned query) or ``mean``.
     pool_heads: attention heads of the pooling (must divide ``trunk_hidden``).
     hidden: the width of the MLP after pooling.
@@ -118,6 +119,7 @@ class ClassificationHead(Head):
         num_classes: int | None = None,
         trunk_hidden: int | None = None,
         source: str = "quantized",
+        feature_norm: str = "batch",
         pooling: str = "attention",
         pool_heads: int = 4,
         hidden: int = 256,
@@ -144,7 +146,7 @@ class ClassificationHead(Head):
             raise ValueError(f"classification head: pool_heads={pool_heads} must divide trunk_hidden={trunk_hidden}")
         self.modality, self.num_classes, self.trunk_hidden = modality, int(num_classes), int(trunk_hidden)
         self.pooling, self.label_smoothing, self.num_media = pooling, float(label_smoothing), int(num_media)
-        self.reader = TrunkFeatures(modality, source)
+        self.reader = TrunkFeatures(modality, source, feature_norm, trunk_hidden)
         self.required_keys = (*self.reader.keys, "label")
         self.backbone_modalities = (modality,) if modality != "text" else ()
         self.pool = AttentionPool(trunk_hidden, pool_heads) if pooling == "attention" else None
@@ -171,6 +173,10 @@ class ClassificationHead(Head):
     def logits(self, backbone: Backbone, batch: dict[str, Any]) -> Tensor:
         """batch -> class logits [B, num_classes]."""
         h, mask = self.reader(backbone, batch)
+        return self.classify(h, mask)
+
+    def classify(self, h: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Trunk features [B, N, H] as the reader gives them (mask [B, N] or None) -> logits [B, num_classes]."""
         pooled = self.pool(h, mask) if self.pool is not None else masked_mean(h, mask)
         return self.fc2(self.drop(F.gelu(self.fc1(self.norm(pooled)))))
 

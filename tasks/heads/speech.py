@@ -128,6 +128,7 @@ class SpeechHead(Head):
     trunk_hidden: the trunk's hidden size (``cpu`` preset 256, ``tiny`` 64), checked against
         ``model.backbone.trunk.hidden_size``; the head's weights are built from it.
     source: ``quantized`` or ``continuous`` trunk inputs (see ``tasks.heads.features``).
+    feature_norm: ``batch`` (standardise the trunk features per channel, see ``tasks.heads.features``) or ``none``.
     upsample: output positions per audio token (>= 1): each token's feature is repeated with a
         learned offset per copy (see the module docstring on token rate vs transcript length).
     layers: transformer layers (pre-norm, width ``trunk_hidden``) after upsampling; 0 allowed.
@@ -144,6 +145,7 @@ class SpeechHead(Head):
         max_length: int = 64,
         trunk_hidden: int | None = None,
         source: str = "quantized",
+        feature_norm: str = "batch",
         upsample: int = 1,
         layers: int = 1,
         layer_heads: int = 4,
@@ -165,7 +167,7 @@ class SpeechHead(Head):
         self.vocab = TextVocabulary(vocabulary, vocab_size, max_length)
         self.trunk_hidden, self.upsample, self.beam_size, self.num_media = int(trunk_hidden), int(upsample), int(beam_size), int(num_media)
         self.modality = "audio"
-        self.reader = TrunkFeatures("audio", source)
+        self.reader = TrunkFeatures("audio", source, feature_norm, trunk_hidden)
         self.required_keys = (*self.reader.keys, "text")
         self.backbone_modalities = ("audio",)
         H = self.trunk_hidden
