@@ -118,7 +118,8 @@ def test_single_vs_multi_script(shard_dir: Path, tokenizer_run: Path, tmp_path: 
     path.write_text(yaml.safe_dump(copy.deepcopy(cfg)))
     out = tmp_path / "compare"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_multitask.py"), "--config", str(path),
-                           "--steps", "2", "--out", str(out), "--tasks", "classify", "transcribe"],
+                           "--steps", "2", "--out", str(out), "--tasks", "classify", "transcribe", "--jobs", "2",
+                           "--eval-samples", "4"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((out / "comparison.json").read_text())
@@ -126,3 +127,6 @@ def test_single_vs_multi_script(shard_dir: Path, tokenizer_run: Path, tmp_path: 
     assert [r["metric"] for r in rows] == ["acc", "wer"]
     assert all(r["single"] is not None and r["multi"] is not None for r in rows)
     assert "| classify | acc |" in (out / "comparison.md").read_text()
+    saved = yaml.safe_load((out / "multi" / "config.yaml").read_text())["model"]["init_args"]["heads"]
+    assert saved["generate"]["init_args"]["eval_samples"] == 4
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["multi", "single-classify", "single-transcribe"]
