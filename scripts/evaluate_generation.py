@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from multimodal.checkpoint import resolve_checkpoint, run_datamodule
+from multimodal.checkpoint import read_checkpoint, resolve_checkpoint, run_datamodule
 from tasks import GenerationHead, MultiTaskModule
 
 
@@ -32,10 +32,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--floor-samples", type=int, default=500, help="real training samples for the floor")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--weights", choices=["saved", "raw"], default="saved",
+                   help="saved: the checkpoint's state_dict (its EMA average when the run had the EMA callback); "
+                        "raw: the training weights of such a checkpoint (current_model_state)")
     args = p.parse_args(argv)
 
     ckpt = resolve_checkpoint(args.ckpt)
     model = MultiTaskModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
+    if args.weights == "raw":
+        state = read_checkpoint(ckpt).get("current_model_state")
+        if state is None:
+            raise SystemExit(f"{ckpt} has no current_model_state (the run had no EMA callback): use --weights saved")
+        model.load_state_dict(state)
     heads = {t: h for t, h in model.heads.items() if isinstance(h, GenerationHead)}
     task = args.task or next(iter(heads))
     head, backbone = heads[task], model.backbone

@@ -130,6 +130,11 @@ def test_sample_script_writes_files_deterministically(shard_dir: Path, tokenizer
     results = json.loads(report.read_text())
     assert set(results) == {"1.0", "2.0"}
     assert all(0.0 <= r["gen_acc"] <= 1.0 and r["fid_cls"] >= 0 for r in results.values())
+    # the raw (non-averaged) weights of an EMA run
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate_generation.py"), "--ckpt", str(ckpt),
+                           "--guidance", "2", "--samples", "4", "--steps", "2", "--floor-samples", "4",
+                           "--weights", "raw"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0 and "guidance  2.0: gen_acc" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_diffusion_default_is_gaussian() -> None:
