@@ -297,7 +297,7 @@ def test_long_and_empty_captions_are_counted_not_fatal(caption_parts) -> None:
 
 def test_bad_captioning_settings_fail_at_start(caption_parts, tmp_path: Path) -> None:
     backbone, data = caption_parts
-    with pytest.raises(ValueError, match="trunk_hidden=256 does not match the trunk's hidden_size=64"):
+    with pytest.raises(ValueError, match="trunk_hidden=256 does not match model.backbone.trunk hidden_size=64"):
         MultiTaskModule(backbone, {"cap": _head(trunk_hidden=256)})
     with pytest.raises(ValueError, match="beam_size"):
         _head(beam_size=0)

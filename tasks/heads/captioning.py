@@ -134,10 +134,6 @@ class CaptioningHead(Head):
     # ------------------------------------------------------------------ checks and data
     def attach(self, backbone: Backbone, task: str) -> None:
         self.features.check(backbone, task)
-        hidden = backbone.trunk.hidden_size
-        if hidden != self.trunk_hidden:
-            raise ValueError(f"model.heads.{task}.init_args.trunk_hidden={self.trunk_hidden} does not match the trunk's "
-                             f"hidden_size={hidden} (model.backbone.trunk): set trunk_hidden: {hidden}")
 
     def bind_data(self, data: Any, task: str) -> None:
         self.vocab.bind(getattr(data, "tokenizer", None), task)

@@ -164,10 +164,6 @@ class ClassificationHead(Head):
     # ------------------------------------------------------------------ checks against the backbone
     def attach(self, backbone: Backbone, task: str) -> None:
         self.reader.check(backbone, task)
-        hidden = backbone.trunk.hidden_size
-        if hidden != self.trunk_hidden:
-            raise ValueError(f"head {task!r}: trunk_hidden={self.trunk_hidden} does not match "
-                             f"model.backbone.trunk hidden_size={hidden}; set the head's trunk_hidden to {hidden}")
 
     # ------------------------------------------------------------------ forward
     def logits(self, backbone: Backbone, batch: dict[str, Any]) -> Tensor:

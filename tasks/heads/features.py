@@ -86,7 +86,7 @@ class TrunkFeatures(nn.Module):
             raise ValueError(f"feature_norm must be one of {NORMS}, got {norm!r}")
         if norm == "batch" and not dim:
             raise ValueError("feature_norm='batch' needs the trunk's hidden size (trunk_hidden)")
-        self.modality, self.source, self.norm_kind = modality, source, norm
+        self.modality, self.source, self.norm_kind, self.dim = modality, source, norm, dim
         self.keys = INPUT_KEYS[modality]
         self.register_buffer("latent_scale", torch.tensor(1.0))
         self.register_buffer("scale_measured", torch.tensor(modality == "text"))
@@ -102,10 +102,14 @@ class TrunkFeatures(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def check(self, backbone: Backbone, task: str) -> None:
-        """Clear errors at construction: a trunk is needed, and a codec or text table for the input."""
+        """Clear errors at construction: a trunk of the head's width (``dim``) is needed, and a codec or
+        text table for the input."""
         trunk = backbone.trunk
         if trunk is None:
             raise ValueError(f"head {task!r} reads trunk features: set model.backbone.trunk (a DiffusionTransformer)")
+        if self.dim is not None and trunk.hidden_size != self.dim:
+            raise ValueError(f"head {task!r}: trunk_hidden={self.dim} does not match model.backbone.trunk "
+                             f"hidden_size={trunk.hidden_size}; set the head's trunk_hidden to {trunk.hidden_size}")
         if self.modality == "text":
             if not getattr(trunk, "text_vocab_size", 0):
                 raise ValueError(f"head {task!r} reads text: set model.backbone.trunk.text_vocab_size")

@@ -188,10 +188,6 @@ class SpeechHead(Head):
     # ------------------------------------------------------------------ setup
     def attach(self, backbone: Backbone, task: str) -> None:
         self.reader.check(backbone, task)
-        hidden = backbone.trunk.hidden_size
-        if hidden != self.trunk_hidden:
-            raise ValueError(f"head {task!r}: trunk_hidden={self.trunk_hidden} does not match "
-                             f"model.backbone.trunk hidden_size={hidden}; set the head's trunk_hidden to {hidden}")
 
     def bind_data(self, data: Any, task: str) -> None:
         self.vocab.bind(getattr(data, "tokenizer", None), task)
