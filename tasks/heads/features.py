@@ -15,10 +15,10 @@ saved in the checkpoint), so the trunk sees unit-variance inputs as in generatio
 ``norm='batch'`` standardises the features per channel over the batch's real tokens (BatchNorm
 without affine, running statistics at evaluation: :class:`FeatureNorm`). Measured on a trunk
 trained by four heads together (``configs/quickstart.yaml``, 300 steps): its t = 0 features were
-91 % a sample-independent offset (per-sample std / total std = 0.09 in the last block) while a
-linear probe on them still reached 0.978 digit accuracy, but a fresh classification head on those
-features stayed at chance (0.12 after 300 steps) behind its LayerNorm; with ``batch`` it reached
-0.76 (``python scripts/probe_features.py --ckpt CKPT``).
+91 % a sample-independent offset (per-sample std / total std = 0.090) while a linear probe on them
+still reached 0.983 digit accuracy, but a fresh classification head on those features stayed at
+chance (0.101 after 300 steps) behind its LayerNorm; with ``batch`` it reached 0.726
+(``python scripts/probe_features.py --ckpt CKPT``).
 """
 
 from __future__ import annotations
