@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import nullcontext
 from typing import Any
 
 import lightning as L
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from multimodal.backbone import Backbone
 from multimodal.checkpoint import read_checkpoint
 from tasks.heads.base import Head
+from tasks.task_adam import TaskAdamW, TaskGradients
 from tasks.metrics import CodebookUsage, codebook_stats
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,10 @@ class MultiTaskModule(L.LightningModule):
         match (a new class list) are reported and skipped.
     freeze: modules to freeze (no gradient, kept in eval mode): ``codecs``, ``codecs.image``,
         ``quantizer``, ``trunk``, ``heads.<task>``, or any submodule path of the backbone.
+    shared_adam: ``joint`` (one AdamW over the summed loss) or ``per_task`` (every task keeps its own
+        AdamW moments for the backbone's weights and their updates are summed, so each task moves the
+        shared trunk as far as it would alone: :mod:`tasks.task_adam`; there ``loss_weights`` scale each
+        task's step on the shared weights, since a loss scale cancels in Adam). Identical for one head.
     """
 
     def __init__(
@@ -72,6 +78,7 @@ class MultiTaskModule(L.LightningModule):
         media_every_n_val: int = 1,
         init_from: str | None = None,
         freeze: list[str] | None = None,
+        shared_adam: str = "joint",
     ) -> None:
         super().__init__()
         if not heads:
@@ -87,6 +94,19 @@ class MultiTaskModule(L.LightningModule):
                 raise TypeError(f"model.heads.{task} is a {type(head).__name__}, not a tasks.heads.Head")
         if loss_weighting not in ("static", "uncertainty"):
             raise ValueError(f"model.loss_weighting must be 'static' or 'uncertainty', got {loss_weighting!r}")
+        if shared_adam not in ("joint", "per_task"):
+            raise ValueError(f"model.shared_adam must be 'joint' or 'per_task', got {shared_adam!r}")
+        if shared_adam == "per_task":
+            if any(h.discriminator is not None for h in heads.values()):
+                raise ValueError("model.shared_adam='per_task' does not support adversarial heads (a discriminator)")
+            if loss_weighting != "static":
+                log.warning("model.shared_adam='per_task': every task's gradient is normalised by its own Adam "
+                            "moments, so learned loss scales (loss_weighting=%r) do not change the update; "
+                            "static loss_weights scale each task's step on the shared weights", loss_weighting)
+            if getattr(backbone.trunk, "grad_checkpointing", False):
+                raise ValueError("model.shared_adam='per_task' records per-task gradients in the forward graph; "
+                                 "gradient checkpointing recomputes it without them: set "
+                                 "model.backbone.trunk.grad_checkpointing false or shared_adam 'joint'")
         for name, value in (("lr", lr), ("backbone_lr", backbone_lr)):
             if value is not None and not value > 0:
                 raise ValueError(f"model.{name} must be positive, got {value}")
@@ -118,6 +138,7 @@ class MultiTaskModule(L.LightningModule):
         self._nonfinite_total = 0
         self._nonfinite_run = 0
         self._counts: dict[str, dict[str, float]] = {}
+        self._taps: TaskGradients | None = None  # per-task gradients (shared_adam='per_task')
 
     # ------------------------------------------------------------------ fine-tuning
     def _module(self, name: str) -> nn.Module:
@@ -215,7 +236,8 @@ class MultiTaskModule(L.LightningModule):
             key = self._check(task, sub)
             if key is not None:
                 bad = bad or f"batch key {key!r} of task {task!r}"
-            loss, logs = self.heads[task].loss(self.backbone, sub, self.global_step)
+            with self._taps.capture(task) if self._taps is not None else nullcontext():
+                loss, logs = self.heads[task].loss(self.backbone, sub, self.global_step)
             n = self._batch_size(sub)
             if bool(self.hparams.check_finite) and bad is None and not torch.isfinite(loss.detach()).all():
                 bad = f"the loss of task {task!r}"
@@ -400,6 +422,10 @@ class MultiTaskModule(L.LightningModule):
             self.heads[task].bind_data(data, task)
 
     def on_fit_start(self) -> None:
+        if self.hparams.get("shared_adam") == "per_task" and self.trainer.gradient_clip_val:
+            raise ValueError("model.shared_adam='per_task' normalises every task's gradient on its own; "
+                             "trainer.gradient_clip_val would clip only their sum, which it does not use: "
+                             "remove trainer.gradient_clip_val or use shared_adam 'joint'")
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
             return
@@ -450,7 +476,12 @@ class MultiTaskModule(L.LightningModule):
             {"params": [p for p in params if id(p) not in backbone_ids], "lr": hp.lr},
         ]
         groups = [g for g in groups if g["params"]]
-        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        if hp.get("shared_adam", "joint") == "per_task":
+            self._taps = TaskGradients([self.backbone], self.heads)
+            opt = TaskAdamW(groups, self._taps, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay,
+                            task_weights=self.loss_weights)
+        else:
+            opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
         sched = {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, self._schedule), "interval": "step"}
         if not self.adversarial:
             return {"optimizer": opt, "lr_scheduler": sched}
