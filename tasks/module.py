@@ -422,10 +422,14 @@ class MultiTaskModule(L.LightningModule):
             self.heads[task].bind_data(data, task)
 
     def on_fit_start(self) -> None:
-        if self.hparams.get("shared_adam") == "per_task" and self.trainer.gradient_clip_val:
-            raise ValueError("model.shared_adam='per_task' normalises every task's gradient on its own; "
-                             "trainer.gradient_clip_val would clip only their sum, which it does not use: "
-                             "remove trainer.gradient_clip_val or use shared_adam 'joint'")
+        if self.hparams.get("shared_adam") == "per_task":
+            if self.trainer.gradient_clip_val:
+                raise ValueError("model.shared_adam='per_task' normalises every task's gradient on its own; "
+                                 "trainer.gradient_clip_val would clip only their sum, which it does not use: "
+                                 "remove trainer.gradient_clip_val or use shared_adam 'joint'")
+            if str(self.trainer.precision).startswith("16"):
+                raise ValueError("model.shared_adam='per_task' reads per-task gradients that fp16 loss scaling "
+                                 "does not unscale: use trainer.precision bf16-mixed (or 32)")
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None:
             return

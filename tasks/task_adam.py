@@ -17,9 +17,9 @@ backward pass, so it is written here: while a task's loss is built (:meth:`TaskG
 each shared parameter is replaced by a tap, an identity autograd node (the way
 ``torch.func.functional_call`` swaps parameters), whose backward records that task's gradient and
 passes it on unchanged. ``p.grad`` still receives the sum (DDP reduces it as usual); the optimizer
-reads the recorded per-task gradients instead, averaging them over ranks itself. Gradient clipping
-and gradient checkpointing do not act on the recorded gradients, so the module refuses them in
-this mode.
+reads the recorded per-task gradients instead, averaging them over ranks itself. Gradient clipping,
+fp16 loss scaling and gradient checkpointing do not act on the recorded gradients, so the module
+refuses them in this mode (bf16 autocast is fine).
 
 Update, for every shared parameter ``p`` and every task ``t`` that reached it this step
 (``g_t``, bias corrections ``c1 = 1 - b1^n_t``, ``c2 = 1 - b2^n_t``)::
@@ -97,6 +97,10 @@ class TaskGradients:
         """``{task: gradient}`` recorded for ``p`` since the last pop (and forget them)."""
         return {task: sink.pop(p) for task, sink in self.grads.items() if p in sink}
 
+    def clear(self) -> None:
+        for sink in self.grads.values():
+            sink.clear()
+
     def all_reduce(self) -> None:
         """Average every task's recorded gradients over the ranks that recorded them (a no-op
         without torch.distributed). Every rank issues the same collectives: one per task for the
@@ -148,6 +152,11 @@ class TaskAdamW(torch.optim.Optimizer):
         v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         denom = (v / (1 - b2 ** n)).sqrt_().add_(eps)
         return (m / (1 - b1 ** n)).div_(denom)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Also forget the recorded per-task gradients (those of a step that was skipped)."""
+        super().zero_grad(set_to_none=set_to_none)
+        self.taps.clear()
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:

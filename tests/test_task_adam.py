@@ -47,6 +47,10 @@ def test_capture_records_each_tasks_gradient_and_restores_parameters() -> None:
         assert torch.allclose(taps.grads["a"][p], a, atol=1e-6)
         assert torch.allclose(taps.grads["b"][p], b, atol=1e-6)
         assert torch.allclose(p.grad, a + b, atol=1e-5)  # p.grad still holds the sum (DDP, logging)
+    # zero_grad forgets recorded gradients too (a skipped step leaves none behind)
+    opt = TaskAdamW(list(trunk.parameters()), taps)
+    opt.zero_grad()
+    assert not taps.grads["a"] and not taps.grads["b"]
     # an exception inside the block still restores the parameters
     with pytest.raises(RuntimeError), taps.capture("a"):
         raise RuntimeError("boom")
