@@ -45,12 +45,13 @@ MAIN_METRIC = {
 
 
 def single_task(cfg: dict[str, Any], task: str) -> dict[str, Any]:
-    """The config with only ``task``'s head, data and loss weight."""
+    """The config with only ``task``'s head and data, and no loss weights: the single-task model is
+    plain AdamW at the recipe's learning rate (under ``shared_adam: per_task`` a weight would scale
+    that task's trunk step, i.e. its learning rate)."""
     out = copy.deepcopy(cfg)
     model = out["model"]["init_args"]
     model["heads"] = {task: model["heads"][task]}
-    if model.get("loss_weights"):
-        model["loss_weights"] = {k: v for k, v in model["loss_weights"].items() if k == task}
+    model.pop("loss_weights", None)
     data = out["data"]["init_args"]
     data["tasks"] = {task: data["tasks"][task]}
     return out

@@ -1,7 +1,7 @@
 """How the tasks of a multi-task checkpoint pull on the shared trunk: per-task gradient sizes, their
 cosines, and each task's share of one joint AdamW step.
 
-    python scripts/task_gradients.py --ckpt runs/compare/multi --batches 3
+    python scripts/task_gradients.py --ckpt runs/compare_joint/multi --batches 3
 
 For every task, the gradient of its loss w.r.t. the trunk's parameters is averaged over
 ``--batches`` training batches (each task's loss backpropagated alone, the model in training mode

@@ -2,8 +2,8 @@
 parameters and the step is the SUM of the tasks' AdamW updates (``MultiTaskModule(shared_adam='per_task')``).
 
 Why. One AdamW over the summed loss divides every coordinate by the second moment of the SUM of the
-tasks' gradients. Measured on the quickstart multi-task trunk after 1000 steps
-(``python scripts/task_gradients.py --ckpt runs/compare/multi``): the four tasks' trunk gradients
+tasks' gradients. Measured on the quickstart multi-task trunk after 1000 joint-AdamW steps
+(``python scripts/task_gradients.py --ckpt RUN``, README "Single task vs multi-task"): the four tasks' trunk gradients
 are nearly orthogonal (|cos| < 0.06) but their sizes differ up to 25x per block (CTC's dominate the
 first blocks, the diffusion loss's are the smallest), so in the shared blocks the diffusion task
 moved the weights a small fraction of what it does alone. One scalar per task (static or uncertainty
