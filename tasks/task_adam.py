@@ -127,7 +127,7 @@ class TaskAdamW(torch.optim.Optimizer):
     """AdamW whose shared parameters (those :class:`TaskGradients` records) take the sum of one AdamW
     update per task (see the module docstring), each times its ``task_weights`` entry (default 1);
     every other parameter is plain AdamW on ``p.grad``.
-    State: ``state[p] = {step, exp_avg, exp_avg_sq}`` for plain parameters and
+    State: ``state[p]['joint'] = {step, exp_avg, exp_avg_sq}`` for plain parameters and
     ``state[p]['tasks'][task] = {step, exp_avg, exp_avg_sq}`` for shared ones (resumes exactly)."""
 
     def __init__(self, params: Any, taps: TaskGradients, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
