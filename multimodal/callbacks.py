@@ -72,6 +72,25 @@ class ModelCheckpoint(_LightningModelCheckpoint):
             self._save_final(trainer)
 
 
+def ema_decay(decay: float, num_averaged: float) -> float:
+    """The warmed-up decay ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates."""
+    return min(decay, (1.0 + num_averaged) / (10.0 + num_averaged))
+
+
+def ema_warmup_multi_avg_fn(decay: float):
+    """``multi_avg_fn(averaged, current, n)`` of ``AveragedModel``: the warmed-up EMA over lists of
+    tensors in one ``torch._foreach_lerp_`` (``averaged += (1 - d) * (current - averaged)``) instead of
+    a Python loop over parameters."""
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+
+    @torch.no_grad()
+    def multi_avg_fn(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        torch._foreach_lerp_(averaged, current, 1.0 - ema_decay(decay, float(num_averaged)))
+
+    return multi_avg_fn
+
+
 def ema_warmup_avg_fn(decay: float):
     """``avg_fn(averaged, current, n)`` of ``AveragedModel``: an EMA whose decay warms up as
     ``min(decay, (1 + n) / (10 + n))`` (0.1 at the first update, 0.5 at the 8th, 0.9 at the 80th)."""
@@ -80,8 +99,7 @@ def ema_warmup_avg_fn(decay: float):
 
     @torch.no_grad()
     def avg_fn(averaged: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
-        n = float(num_averaged)
-        d = min(decay, (1.0 + n) / (10.0 + n))
+        d = ema_decay(decay, float(num_averaged))
         return averaged * d + current * (1.0 - d)
 
     return avg_fn
@@ -100,8 +118,9 @@ class EMA(EMAWeightAveraging):
                  update_every_n_steps: int = 1, update_starting_at_step: int | None = None, **kwargs: Any) -> None:
         super().__init__(decay=decay, use_buffers=use_buffers, update_every_n_steps=update_every_n_steps,
                          update_starting_at_step=update_starting_at_step, **kwargs)
-        if warmup:
-            self._kwargs["avg_fn"] = ema_warmup_avg_fn(decay)
+        if warmup:  # one foreach lerp over all parameters per update (AveragedModel's multi_avg_fn)
+            self._kwargs["avg_fn"] = None
+            self._kwargs["multi_avg_fn"] = ema_warmup_multi_avg_fn(decay)
         self.decay, self.warmup = decay, warmup
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -21,7 +21,10 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
+from .allocator import tune_allocator
+from .precision import resolve_precision
 from .writer import PredictionWriter
 
 DEFAULT_ROOT = "runs"
@@ -61,6 +64,16 @@ class MultimodalCLI(LightningCLI):
             parser.set_defaults(weights_only=True)
         return parser
 
+    def before_instantiate_classes(self) -> None:
+        """``trainer.precision`` unset: bf16-mixed where the hardware has native bf16, else 32-true
+        (``multimodal.precision``); bf16 asked for on hardware without it is refused here, at start."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.get("trainer")
+        if trainer is None:
+            return
+        trainer["precision"], why = resolve_precision(trainer.get("precision"), trainer.get("accelerator"))
+        rank_zero_info(why)
+
     def after_test(self) -> None:
         trainer = self.trainer
         if not trainer.is_global_zero:
@@ -72,6 +85,7 @@ class MultimodalCLI(LightningCLI):
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> MultimodalCLI:
     """The project's LightningCLI (``run=False``: parse and instantiate only)."""
+    tune_allocator()
     return MultimodalCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,

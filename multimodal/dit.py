@@ -44,11 +44,11 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath, GELUTanh, Mlp
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import attention
 from .embeddings import LabelEmbedder, TimestepEmbedder, sincos_1d, sincos_2d
 from .layers import resolve_preset
 
@@ -91,7 +91,7 @@ def unpatchify(x: Tensor, grid: tuple[int, int], p: int) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through ``F.scaled_dot_product_attention``.
+    """Multi-head self-attention through :func:`multimodal.attention.attention` (SDPA; explicit on CPUs in bf16).
 
     x [B, S, H]; attn_mask None or bool [B, 1, 1, S] (True = key takes part) -> [B, S, H].
     """
@@ -106,7 +106,7 @@ class Attention(nn.Module):
         B, S, C = x.shape
         qkv = self.qkv(x).reshape(B, S, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, heads, S, head_dim]
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        x = attention(q, k, v, attn_mask)
         return self.proj(x.transpose(1, 2).reshape(B, S, C))
 
 

@@ -485,7 +485,9 @@ class MultiTaskModule(L.LightningModule):
             opt = TaskAdamW(groups, self._taps, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay,
                             task_weights=self.loss_weights)
         else:
-            opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+            fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
+            opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay,
+                                    fused=fused or None)
         sched = {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, self._schedule), "interval": "step"}
         if not self.adversarial:
             return {"optimizer": opt, "lr_scheduler": sched}

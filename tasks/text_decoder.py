@@ -8,7 +8,7 @@ a token embedding plus positions, ``depth`` pre-LayerNorm blocks of
     x = x + MLP(LN(x))
 
 then a final LayerNorm and the output projection (optionally tied to the embedding). Attention is
-``torch.nn.functional.scaled_dot_product_attention``.
+:func:`multimodal.attention.attention` (``F.scaled_dot_product_attention``; explicit on CPUs in bf16).
 
 Id conventions (those of ``tasks.heads.vocab``): sequences are ``BOS t1 ... tn EOS`` right-padded
 with ``pad_id``. Because padding is on the right and self-attention is causal, real tokens never
@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import Tensor, nn
+
+from multimodal.attention import attention
 
 POSITIONS = ("sincos", "learned")
 
@@ -73,8 +75,8 @@ class MultiHeadAttention(nn.Module):
     def attend(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
         """Queries from x [B, L, W] over given keys/values -> [B, L, W]."""
         q = self._split(self.q(x))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        out = attention(q, k, v, mask, is_causal=causal and mask is None,
+                        dropout_p=self.dropout if self.training else 0.0)
         B, _, L, _ = out.shape
         return self.proj(out.transpose(1, 2).reshape(B, L, -1))
 

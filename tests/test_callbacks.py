@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from multimodal.callbacks import EMA, ModelCheckpoint, ema_warmup_avg_fn
+from multimodal.callbacks import EMA, ModelCheckpoint, ema_warmup_avg_fn, ema_warmup_multi_avg_fn
 
 
 class StopAt(Callback):
@@ -79,6 +79,15 @@ def test_ema_warmup_decay() -> None:
     assert torch.allclose(avg(a, c, torch.tensor(10_000)), torch.full((3,), 0.001))
     with pytest.raises(ValueError, match="decay"):
         ema_warmup_avg_fn(1.5)
+    # the foreach form (what EMA uses) is the same average over a list of tensors at once
+    multi = ema_warmup_multi_avg_fn(0.999)
+    for n in (0, 8, 10_000):
+        averaged = [torch.zeros(3), torch.full((2, 2), 2.0)]
+        current = [torch.ones(3), torch.full((2, 2), -1.0)]
+        want = [avg(a, c, torch.tensor(n)) for a, c in zip(averaged, current)]
+        multi(averaged, current, torch.tensor(n))
+        for got, w in zip(averaged, want):
+            assert torch.allclose(got, w, atol=1e-6)
 
 
 def test_ema_tracks_a_short_run(tmp_path: Path) -> None:
