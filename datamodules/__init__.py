@@ -3,7 +3,9 @@
 Knows only the batch format of DESIGN.md; imports neither ``multimodal`` nor ``tasks``.
 """
 
+from .loader import ShardLoader
 from .multitask import MultiTaskDataModule
-from .webdata import COUNTS_KEY, ShardLoader, ShardStream, WebDataModule
+from .stream import COUNTS_KEY, ShardStream
+from .webdata import WebDataModule
 
 __all__ = ["WebDataModule", "MultiTaskDataModule", "ShardStream", "ShardLoader", "COUNTS_KEY"]

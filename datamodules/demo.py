@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,8 @@ import numpy as np
 from PIL import Image
 
 from .shards import ShardSink, encode_png, encode_wav, make_info, read_info, write_info
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEMO_SETS",
@@ -85,10 +89,22 @@ def _shard_size(count: int) -> int:
     return max(1, math.ceil(count / shards))
 
 
+PROGRESS_SECONDS = 10.0
+"""Demo generation logs one progress line per split at most this often (and when the split is done)."""
+
+
 def _write_split(out: Path, split: str, samples: Iterator[dict[str, Any]], count: int) -> dict[str, Any]:
+    name = out.name.lstrip(".").split("-v")[0]  # the set's name, from its (temporary) folder
+    start = last = time.perf_counter()
     with ShardSink(out, split, max_count=_shard_size(count)) as sink:
         for sample in samples:
             sink.write(sample)
+            now = time.perf_counter()
+            if now - last >= PROGRESS_SECONDS:
+                last = now
+                log.info("demo %s %s: %d/%d samples (%.0f%%), %.0f s", name, split, sink.count, count,
+                         100 * sink.count / count, now - start)
+    log.info("demo %s %s: %d samples in %.1f s", name, split, sink.count, time.perf_counter() - start)
     if sink.count != count:
         raise RuntimeError(f"demo split {split!r}: wrote {sink.count} samples, expected {count}")
     return {"count": sink.count, "shards": sink.shards}
@@ -483,6 +499,7 @@ def demo_root(
         for stale in cache.glob(f".{final.name}.tmp-*"):  # left by a crashed generator
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache))
+        log.info("generating the %s demo set (first use) into %s", name, final)
         try:
             generate(name, tmp, seed, size)
             if final.exists():  # incomplete (a shard went missing): replace it

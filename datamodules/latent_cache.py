@@ -15,7 +15,8 @@ What is stored, per sample of the training split (the batch format, with codes i
   generation head's judge), requested with ``keep_raw``.
 
 Where: ``<cache root>/<fingerprint>/`` (``part-<rank>-of-<world>.pt`` + ``index.json``), cache root
-``$MULTIMODAL_CACHE/latents`` (default ``~/.cache/multimodal-dit/latents``) or ``data.latent_cache_dir``.
+``$MULTIMODAL_LATENT_CACHE``, ``$MULTIMODAL_CACHE/latents`` (default ``~/.cache/multimodal-dit/latents``)
+or ``data.latent_cache_dir``.
 The fingerprint is a SHA-256 over the tokenizer's identity (the model passes a hash of the frozen
 weights it encodes with), the shards' identity (URL, size and modification time of each local
 file; the URL alone for remote ones) and the decode settings, so a cache is used only for the very
@@ -70,6 +71,9 @@ Encoder = Callable[[dict[str, Any]], dict[str, tuple[Tensor, Tensor]]]
 
 
 def default_root() -> Path:
+    """``$MULTIMODAL_LATENT_CACHE``, else ``$MULTIMODAL_CACHE/latents``, else ``~/.cache/multimodal-dit/latents``."""
+    if os.environ.get("MULTIMODAL_LATENT_CACHE"):
+        return Path(os.environ["MULTIMODAL_LATENT_CACHE"])
     base = os.environ.get("MULTIMODAL_CACHE")
     return (Path(base) if base else Path.home() / ".cache" / "multimodal-dit") / "latents"
 

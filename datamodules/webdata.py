@@ -1,485 +1,33 @@
 """``WebDataModule``: one WebDataset shard folder (or URL patterns, or a demo set) -> batches.
 
-Splitting (the part that keeps DDP from hanging and evaluation exact):
-
-* training reads shards *resampled* (drawn with replacement, seeded by seed/epoch/rank/worker)
-  and stops after a fixed number of batches, ``samples_per_epoch // (world_size * batch_size)``
-  per rank, divided among the workers, so every rank yields the same number of batches;
-* validation/test/predict split the shard list by rank, then by worker, and read each shard
-  once, so every sample is seen exactly once across ranks and workers (this needs at least
-  ``world_size`` shards, an error naming the settings otherwise; fewer than
-  ``world_size * num_workers`` leaves some workers idle, with a warning).
-
-Shard URLs: local paths (brace patterns expand), ``file:``, ``pipe:CMD`` (the command's output is
-read) and the other schemes of webdataset's ``gopen`` (``http(s)://`` through the ``curl`` program,
-which it runs with ``-f``, so an HTTP error fails the shard); any other scheme fsspec knows
-(``s3://``, ``gcs://``, ``memory://`` ... with the backend installed), and ``http(s)://`` too when
-there is no ``curl``, goes through ``fsspec.open``. Use ``curl -f`` in ``pipe:`` commands as well: without it
-an HTTP error page is read as a (broken) shard.
-
-Faults never stop a run: a sample that does not decode is skipped (``skipped/<reason>`` of
-``decode.py``), and so is a shard that cannot be read: ``skipped/missing_shard`` (it could not be
-opened or fetched), ``skipped/unreadable_shard`` (its bytes are not a tar archive) or
-``skipped/truncated_shard`` (the archive breaks off or ends without its end-of-archive blocks; the
-samples before the break are kept, the one cut through is dropped). Every skip is logged as a
-warning and counted in the batch's ``__counts__`` (an evaluation pass holds its last batch back
-until all its readers are done, so even the skips of a reader left with no batch reach it). Only
-a training stream with nothing usable left stops, with an error: after ``BAD_IN_A_ROW`` unusable
-samples, or shard after shard giving no sample.
-
-Resuming: the training loader is *stateful* (``state_dict``/``load_state_dict``, which Lightning
-saves in checkpoints): it records the epoch of its current pass and the batches handed out in it,
-and a resumed run replays that pass, dropping the batches already trained on, so it continues
-with the very batches (same samples, same audio crops) an uninterrupted run would have used.
-
-webdataset does the URL opening and shard expansion; the tar reading, splitting and seeding are
-written here: the reading to tell these faults apart, the seeding because webdataset's
-``ResampledShards`` does not know Lightning's epoch (its epoch counter resets whenever
-non-persistent workers are re-created).
+The reading itself (splitting over ranks and workers, faults, resampling, resume) is
+:mod:`datamodules.stream` and :mod:`datamodules.loader`; the training split of a stage on a frozen
+tokenizer can be read from cached codes instead (:mod:`datamodules.latent_cache`,
+:meth:`WebDataModule.cache_latents`).
 """
 
 from __future__ import annotations
 
 import logging
-import random
-import re
-import shutil
-import tarfile
+import time
 import warnings
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import IO, Any
-from urllib.parse import urlparse
+from typing import Any
 
 import lightning as L
-import torch.multiprocessing
-import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
-from webdataset.gopen import gopen, gopen_schemes
 
-from .decode import MODALITIES, SAMPLE_REASONS, BadSample, SampleDecoder, collate
+from .decode import MODALITIES, SampleDecoder
+from .latent_cache import FORMAT as LATENT_FORMAT
+from .latent_cache import CachedStream, Encoder, LatentCache, load_or_build, shard_identity
+from .latent_cache import default_root as default_latent_root
+from .loader import ShardLoader
 from .shards import read_info
+from .stream import ShardStream, expand_urls, read_shard
 from .text import TextTokenizer, train_sentencepiece
 
 log = logging.getLogger(__name__)
-
-COUNTS_KEY = "__counts__"
-"""Batch key of a ``{event: count}`` dict: samples skipped (``skipped/<reason>``) and captions
-truncated (``truncated_text``) since the previous batch of the same worker. The training module
-sums and logs them, so data problems reach the logger."""
-
-SHARD_REASONS = ("missing_shard", "unreadable_shard", "truncated_shard")
-"""Skip reasons of whole shards (see the module docstring)."""
-
-COUNT_EVENTS = (*(f"skipped/{r}" for r in (*SAMPLE_REASONS, *SHARD_REASONS)), "truncated_text")
-"""Every event a ``__counts__`` dict may hold (a logger that must log the same keys on every rank,
-as a DDP metric sync needs, can fill in zeros for the others)."""
-
-BAD_IN_A_ROW = 1000
-"""A training stream stops with an error after this many unusable samples in a row."""
-
-HTTP_OPENER = "curl" if shutil.which("curl") else "fsspec"
-"""How ``http(s)://`` shard URLs are fetched: webdataset's ``curl`` pipe, or ``fsspec`` (aiohttp)."""
-
-
-def expand_urls(urls: str | list[str]) -> list[str]:
-    """Brace-expand URL patterns (``a-{000000..000009}.tar``); lists may mix patterns."""
-    if isinstance(urls, str):
-        urls = [urls]
-    out: list[str] = []
-    for u in urls:
-        out.extend(wds.shardlists.expand_urls(u))
-    return out
-
-
-def open_shard(url: str) -> IO[bytes]:
-    """A binary stream of a shard URL (see the module docstring for the schemes)."""
-    scheme = urlparse(url).scheme
-    if len(scheme) <= 1 or scheme == "file" or (scheme in gopen_schemes and not (
-            scheme in ("http", "https") and HTTP_OPENER == "fsspec")):
-        return gopen(url, "rb")  # a one-letter "scheme" is a Windows drive
-    import fsspec
-
-    return fsspec.open(url, "rb").open()
-
-
-def _close_quietly(stream: IO[bytes]) -> Exception | None:
-    """Close a shard stream; returns what closing raised (a ``pipe:``/curl exit status, say)."""
-    try:
-        stream.close()
-    except Exception as exn:  # any failure of the source is reported, not raised
-        return exn
-    return None
-
-
-_SKIP_FILE = re.compile(r"(^|/)__[^/]*__($|/)")
-
-
-def read_shard(url: str, on_skip: Callable[[str, str], None]) -> Iterator[dict[str, Any]]:
-    """The samples of one tar shard, ``{"__key__", "__url__", ext: bytes}``, members grouped by key.
-
-    Never raises for a bad shard (only for a URL it cannot handle at all, e.g. an fsspec protocol
-    whose package is not installed): ``on_skip(reason, detail)`` is called once with one of
-    :data:`SHARD_REASONS` and the shard ends there (the samples complete before a break are kept).
-    """
-    try:
-        stream = open_shard(url)
-    except OSError as exn:  # not found, refused, ...; other errors (an unknown scheme) are raised
-        on_skip("missing_shard", f"{url}: {exn!r}")
-        return
-    ends: list[str] = []
-
-    class _Header(tarfile.TarInfo):  # notes how the member list ended: EOFHeaderError = end-of-archive blocks
-        @classmethod
-        def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
-            try:
-                return super().frombuf(buf, encoding, errors)
-            except tarfile.HeaderError as exn:
-                ends.append(type(exn).__name__)
-                raise
-
-    try:
-        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_Header)
-    except Exception as exn:
-        closed = _close_quietly(stream)
-        if isinstance(exn, OSError) or closed is not None:  # e.g. curl -f: HTTP 404 -> exit 22, no bytes
-            on_skip("missing_shard", f"{url}: {closed or exn!r}")
-        else:
-            on_skip("unreadable_shard", f"{url} is not a tar archive ({exn}); an HTTP error page? (use curl -f)")
-        return
-    current: dict[str, Any] | None = None
-    try:
-        for info in tar:
-            if not info.isreg() or _SKIP_FILE.search(info.name):
-                continue
-            data = tar.extractfile(info).read()
-            tar.members = []  # a stream keeps every header otherwise
-            key, ext = wds.tariterators.base_plus_ext(info.name)
-            if key is None:
-                continue
-            if current is not None and key != current["__key__"]:
-                yield current
-                current = None
-            if current is None:
-                current = {"__key__": key, "__url__": url}
-            current[ext.lower()] = data
-        if not ends or ends[-1] != "EOFHeaderError":
-            raise tarfile.ReadError(f"the archive ends without its end-of-archive blocks ({ends[-1:] or 'no header'})")
-    except Exception as exn:  # cut short, or its source failed mid-way
-        closed = _close_quietly(stream)
-        where = f" inside sample {current['__key__']!r} (dropped)" if current is not None else ""
-        on_skip("truncated_shard", f"{url} breaks off{where}: {exn}" + (f"; {closed!r}" if closed else ""))
-        return
-    finally:
-        _close_quietly(stream)  # also when the reader stops early (a training pass is done)
-    if current is not None:
-        yield current
-
-
-class ShardStream(IterableDataset):
-    """Streams batches (already collated) from tar shards; see the module docstring for splitting.
-
-    In training it yields exactly ``len(self)`` batches per rank over all workers. ``epoch`` is the
-    epoch of the next pass (each pass advances it; :class:`ShardLoader` sets it from Lightning's);
-    ``resume_batches`` batches of the next pass (over all workers) are read and dropped.
-    """
-
-    def __init__(
-        self,
-        urls: list[str],
-        decoder: SampleDecoder,
-        batch_size: int,
-        train: bool,
-        tokenizer: TextTokenizer | None = None,
-        batches_per_rank: int | None = None,
-        shuffle_buffer: int = 1000,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        super().__init__()
-        if not urls:
-            raise ValueError("ShardStream got no shard URLs")
-        if train and not batches_per_rank:
-            raise ValueError("a training ShardStream needs batches_per_rank >= 1")
-        self.urls, self.decoder, self.batch_size, self.train = urls, decoder, batch_size, train
-        self.tokenizer, self.batches_per_rank = tokenizer, batches_per_rank
-        self.shuffle_buffer, self.seed = shuffle_buffer, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-        self.resume_batches = 0
-        self.leftovers: Any = None  # evaluation: where a reader puts the skip counts its batches could not carry
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        if not self.train:
-            raise TypeError("evaluation streams have no fixed length")
-        return self.batches_per_rank
-
-    def _worker(self) -> tuple[int, int]:
-        info = get_worker_info()
-        return (info.id, info.num_workers) if info is not None else (0, 1)
-
-    def _shards(self, rng: random.Random, worker: int, num_workers: int) -> Iterator[str]:
-        if not self.train:
-            yield from self.urls[self.rank :: self.world_size][worker::num_workers]
-            return
-        while True:
-            yield rng.choice(self.urls)
-
-    def _samples(self, rng: random.Random, worker: int, num_workers: int, counts: Counter[str]) -> Iterator[dict[str, Any]]:
-        """Raw samples of this worker's shards; a training stream gives up when shard after shard is empty."""
-
-        def on_skip(reason: str, detail: str) -> None:
-            counts[f"skipped/{reason}"] += 1
-            log.warning("skipping shard data (%s): %s", reason, detail)
-
-        empty_in_a_row = 0
-        for url in self._shards(rng, worker, num_workers):
-            n = 0
-            for sample in read_shard(url, on_skip):
-                n += 1
-                yield sample
-            empty_in_a_row = 0 if n else empty_in_a_row + 1
-            if self.train and empty_in_a_row >= max(20, 3 * len(self.urls)):
-                raise RuntimeError(
-                    f"{empty_in_a_row} training shards in a row gave no sample (of {len(self.urls)}, e.g. {url}): "
-                    f"are the shards there? counts: {dict(counts)}"
-                )
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker, num_workers = self._worker()
-        epoch, self.epoch = self.epoch, self.epoch + 1  # a persistent worker's copy advances by itself
-        skip, self.resume_batches = self.resume_batches, 0
-        skip = skip // num_workers + (worker < skip % num_workers)  # the loader takes batches round-robin
-        rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}")
-        self.decoder.rng = rng
-        counts: Counter[str] = Counter()
-
-        if self.train:
-            n_batches = self.batches_per_rank // num_workers + (worker < self.batches_per_rank % num_workers)
-            if n_batches == 0:
-                return
-        else:
-            n_batches = None
-        samples = self._samples(rng, worker, num_workers, counts)
-        if self.train and self.shuffle_buffer > 1:
-            # a buffer larger than a quarter of this worker's epoch mostly reads samples that are
-            # thrown away when the epoch ends (measured: ~50% extra tar reads at 4096 samples/epoch)
-            bufsize = max(2, min(self.shuffle_buffer, n_batches * self.batch_size // 4))
-            samples = wds.filters._shuffle(samples, bufsize, min(100, bufsize), rng)
-
-        buffer: list[dict[str, Any]] = []
-        held: list[dict[str, Any]] | None = None  # evaluation: a full batch held back until the next
-        # good sample, so skips after the last full batch still reach the logger with it
-        made = bad_in_a_row = 0
-        for raw in samples:
-            try:
-                sample = self.decoder(raw)
-            except BadSample as bad:
-                counts[f"skipped/{bad.reason}"] += 1
-                log.warning("skipping sample %r from %s: %s", raw.get("__key__"), raw.get("__url__"), bad)
-                bad_in_a_row += 1
-                if self.train and bad_in_a_row >= BAD_IN_A_ROW:  # resampling would go on for ever
-                    raise RuntimeError(
-                        f"{bad_in_a_row} training samples in a row could not be used ({dict(counts)}): "
-                        "does the data have what data.keys asks for?"
-                    ) from bad
-                continue
-            bad_in_a_row = 0
-            if self.tokenizer is not None and "text" in sample:
-                sample["text_ids"], truncated = self.tokenizer.encode(sample["text"])
-                sample["pad_id"] = self.tokenizer.pad_id
-                counts["truncated_text"] += int(truncated)
-            if held is not None:
-                yield self._batch(held, counts)
-                held = None
-            buffer.append(sample)
-            if len(buffer) < self.batch_size:
-                continue
-            made += 1
-            if not self.train:
-                held, buffer = buffer, []
-                continue
-            if made > skip:
-                yield self._batch(buffer, counts)
-            else:  # resuming: a batch trained on before the interruption
-                counts.clear()
-            buffer = []
-            if made >= n_batches:
-                return
-        if self.train:
-            raise RuntimeError(
-                f"training shards ran dry after {made} of {n_batches} batches "
-                f"(every sample unreadable? counts: {dict(counts)})"
-            )
-        if held is not None:
-            yield self._batch(held, counts)
-        if buffer:
-            yield self._batch(buffer, counts)
-        if counts:  # skips after this reader's last batch (or a reader with no batch at all)
-            if self.leftovers is not None:
-                self.leftovers.put(dict(counts))  # the loader adds them to the last batch of the pass
-            else:
-                log.warning("reader %d of rank %d ended with skips no batch could carry to the logger: %s",
-                            worker, self.rank, dict(counts))
-
-    @staticmethod
-    def _batch(samples: list[dict[str, Any]], counts: Counter[str]) -> dict[str, Any]:
-        batch = collate(samples)
-        batch[COUNTS_KEY] = {k: v for k, v in counts.items() if v}
-        counts.clear()
-        return batch
-
-
-class _ListQueue(list):
-    """The ``put``/``get``/``empty`` of a queue, for a loader without worker processes."""
-
-    def put(self, item: Any) -> None:
-        self.append(item)
-
-    def get(self) -> Any:
-        return self.pop(0)
-
-    def empty(self) -> bool:
-        return not self
-
-
-class _EpochSampler(Sampler):
-    """The sampler slot of a DataLoader over an IterableDataset (an endless stream of ``None``,
-    like torch's own), forwarding Lightning's ``set_epoch`` (called at every epoch start and
-    restored on resume) to the loader."""
-
-    def __init__(self, loader: ShardLoader) -> None:
-        self.loader = loader
-
-    def __iter__(self) -> Iterator[None]:
-        while True:
-            yield None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
-
-
-class ShardLoader(DataLoader):
-    """A DataLoader over a :class:`ShardStream` (batches are made inside the workers).
-
-    It keeps the epoch bookkeeping in the main process. A pass starts at its first batch (Lightning
-    creates the iterator before it calls ``set_epoch``) and reads the epoch ``set_epoch`` gave since
-    the last pass, else the last pass's + 1 (a loader cycled within an epoch); persistent workers
-    hear of the first epoch only and count on from it, and so does the loader.
-    ``state_dict()`` is the current pass's epoch and the batches handed out in it (Lightning saves
-    it in checkpoints); after ``load_state_dict`` the next pass resumes there.
-    """
-
-    def __init__(self, dataset: ShardStream, num_workers: int = 0, persistent_workers: bool = False,
-                 pin_memory: bool = False, **kwargs: Any) -> None:
-        # Lightning re-creates loaders (e.g. for predict) passing every DataLoader argument; the
-        # sampling ones must stay unset for a stream that batches inside its workers
-        for key in ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"):
-            kwargs.pop(key, None)
-        super().__init__(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                         persistent_workers=persistent_workers and num_workers > 0, **kwargs)
-        object.__setattr__(self, "sampler", _EpochSampler(self))  # DataLoader forbids setattr
-        self._set_epoch: int | None = None  # Lightning's epoch, when set since the last pass started
-        self._epoch = dataset.epoch  # Lightning's epoch of the current (or next) pass
-        self._pass_epoch: int | None = None  # the stream's epoch of the current pass (seeds its order)
-        self._handed_out = 0  # batches of the current pass
-        self._restore: dict[str, int] | None = None
-        self._passes = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self._set_epoch = epoch
-
-    def __iter__(self) -> Iterator[Any]:
-        return self._pass()
-
-    def _start(self) -> Iterator[Any]:
-        stream: ShardStream = self.dataset
-        fresh_workers = self._passes == 0 or not self.persistent_workers
-        restore, self._restore = self._restore, None
-        if restore is not None and self._set_epoch in (None, restore["lightning_epoch"]):
-            self._epoch, self._pass_epoch, skip = restore["lightning_epoch"], restore["epoch"], restore["batches"]
-        elif self._set_epoch is not None and fresh_workers:
-            self._epoch = self._pass_epoch = self._set_epoch
-            skip = 0
-        else:  # cycled within an epoch, or persistent workers counting on
-            self._pass_epoch = self._epoch if self._pass_epoch is None else self._pass_epoch + 1
-            skip = 0
-        self._set_epoch = None
-        self._handed_out = skip
-        self._passes += 1
-        stream.epoch, stream.resume_batches = self._pass_epoch, skip
-        stream.leftovers = None if stream.train else self._leftovers
-        iterator = super().__iter__()
-        if self.num_workers > 0:
-            stream.resume_batches = 0  # the workers have their copies; later passes start from 0
-        return iterator
-
-    def _pass(self) -> Iterator[Any]:
-        iterator = self._start()
-        if self.dataset.train:
-            for batch in iterator:
-                self._handed_out += 1
-                yield batch
-            return
-        # evaluation: the last batch is held back until every reader is done, and carries the skips
-        # its reader or another (one whose shards all failed, say) counted after their last batch
-        held = None
-        for batch in iterator:
-            if held is not None:
-                yield held
-            held = batch
-        late: Counter[str] = Counter()
-        while not self._leftovers.empty():
-            late.update(self._leftovers.get())
-        if held is not None:
-            held[COUNTS_KEY] = dict(Counter(held.get(COUNTS_KEY, {})) + late)
-            yield held
-        elif late:
-            log.warning("an evaluation pass gave no batch to carry its skip counts to the logger: %s", dict(late))
-
-    @property
-    def _leftovers(self) -> Any:
-        if getattr(self, "_queue", None) is None:
-            self._queue = _ListQueue() if self.num_workers == 0 else (
-                self.multiprocessing_context or torch.multiprocessing).SimpleQueue()
-        return self._queue
-
-    def state_dict(self) -> dict[str, Any]:
-        stream: ShardStream = self.dataset
-        if self._restore is not None:  # restored, not started yet
-            position = dict(self._restore)
-        elif self._pass_epoch is None:  # never started
-            position = {"epoch": self._epoch, "lightning_epoch": self._epoch, "batches": 0}
-        else:
-            position = {"epoch": self._pass_epoch, "lightning_epoch": self._epoch, "batches": self._handed_out}
-        return {**position, "batches_per_rank": stream.batches_per_rank, "num_workers": self.num_workers,
-                "rank": stream.rank, "world_size": stream.world_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        stream: ShardStream = self.dataset
-        same = (state.get("batches_per_rank"), state.get("num_workers"), state.get("world_size")) == (
-            stream.batches_per_rank, self.num_workers, stream.world_size)
-        batches = int(state.get("batches", 0))
-        if batches and not same:
-            warnings.warn(
-                "resuming with other data settings (samples_per_epoch, batch_size, num_workers or devices) than "
-                f"the checkpoint's {state}: the interrupted epoch starts over instead of resuming mid-way",
-                stacklevel=2,
-            )
-            batches = 0
-        epoch, lightning_epoch = int(state["epoch"]), int(state.get("lightning_epoch", state["epoch"]))
-        if stream.batches_per_rank and batches >= stream.batches_per_rank:  # the pass was complete
-            epoch, lightning_epoch, batches = epoch + 1, lightning_epoch + 1, 0
-        self._restore = {"epoch": epoch, "lightning_epoch": lightning_epoch, "batches": batches}
-        self._set_epoch = None
-        self._passes = 0
-        self._iterator = None  # persistent workers made before this must not serve the resumed pass
 
 
 class WebDataModule(L.LightningDataModule):
@@ -503,6 +51,8 @@ class WebDataModule(L.LightningDataModule):
             collapses to near-characters (46 pieces, ~31 ids per shapes caption vs 11 words).
         seed: seeds shard resampling, shuffling and audio crops.
         cache_dir / demo_size: where demo sets are generated, and their size (``default`` or ``tiny``).
+        latent_cache_dir: where cached tokenizer codes of the training split go when the model asks
+            for them (:meth:`cache_latents`); default ``$MULTIMODAL_CACHE/latents``.
         val_split / test_split / predict_split: split names in ``info.json``.
     """
 
@@ -531,6 +81,7 @@ class WebDataModule(L.LightningDataModule):
         text_max_length: int = 64,
         seed: int = 0,
         cache_dir: str | None = None,
+        latent_cache_dir: str | None = None,
         demo_size: str = "default",
         val_split: str = "val",
         test_split: str = "test",
@@ -560,6 +111,7 @@ class WebDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.persistent_workers, self.pin_memory = num_workers, persistent_workers, pin_memory
         self.tokenizer: TextTokenizer | None = None
+        self._latents: dict[str, Any] | None = None  # set by cache_latents (the model, at setup)
         self._info: dict[str, Any] | None = None
         self._rank, self._world_size = 0, 1
 
@@ -630,6 +182,49 @@ class WebDataModule(L.LightningDataModule):
             return self.data_dir / f"spm-{self.cfg.text_model_type}-{self.cfg.vocab_size}.model"
         return None
 
+    # ----------------------------------------------------------------- cached tokenizer codes
+    def cache_latents(self, encode: Encoder, tokenizer_id: str, keep_raw: tuple[str, ...] = (),
+                      samples_per_token: int | None = None) -> None:
+        """Train from codes of the training split encoded ONCE by ``encode`` (a frozen tokenizer,
+        identified by ``tokenizer_id``) instead of decoding and encoding every batch; ``keep_raw``
+        modalities are stored too (a head that reads them); ``samples_per_token`` (audio) aligns
+        random crops to tokens. See :mod:`datamodules.latent_cache`. Called by the model at setup."""
+        self._latents = {"encode": encode, "tokenizer": tokenizer_id, "keep_raw": tuple(keep_raw),
+                         "samples_per_token": samples_per_token}
+
+    @property
+    def latent_cache_root(self) -> Path:
+        return Path(self.cfg.latent_cache_dir) if self.cfg.latent_cache_dir else default_latent_root()
+
+    def _cached_stream(self) -> CachedStream:
+        if "text" in self.keys and self.tokenizer is None:
+            self.setup()
+        hp, request = self.cfg, self._latents
+        urls = self.split_urls("train")
+        components = {
+            "format": LATENT_FORMAT, "tokenizer": request["tokenizer"], "shards": shard_identity(urls),
+            "decode": {"keys": list(self.keys), "image_size": hp.image_size, "image_channels": hp.image_channels,
+                       "sample_rate": hp.sample_rate, "keep_raw": list(request["keep_raw"])},
+        }
+
+        def build() -> LatentCache:  # this rank's share of the training shards, each sample once
+            stream = ShardStream(urls, self._decoder(train=False), self.eval_batch_size, train=False,
+                                 rank=self._rank, world_size=self._world_size)
+            return LatentCache.encode_split(stream, request["encode"], request["keep_raw"])
+
+        start = time.perf_counter()
+        cache, folder, built = load_or_build(self.latent_cache_root, components, build, self._rank, self._world_size)
+        what = "encoded once" if built else "read"
+        log.info("latent cache (%s, training split of %s): %d samples %s in %.1f s from %s", request["tokenizer"],
+                 self.name, len(cache), what, time.perf_counter() - start, folder)
+        if cache.counts:
+            log.warning("latent cache of %s: samples skipped while encoding: %s", self.name, cache.counts)
+        spt = request["samples_per_token"]
+        crop = int(hp.audio_max_seconds * hp.sample_rate) // spt if hp.audio_max_seconds and spt else None
+        return CachedStream(cache, self.batch_size, self._batches_per_rank(), tokenizer=self.tokenizer,
+                            seed=hp.seed, rank=self._rank, world_size=self._world_size, crop_tokens=crop,
+                            samples_per_token=spt)
+
     # ----------------------------------------------------------------- Lightning hooks
     def prepare_data(self) -> None:
         """Generate the demo set if asked for; train the text tokenizer if text is used and none exists."""
@@ -667,22 +262,24 @@ class WebDataModule(L.LightningDataModule):
             num_classes=self.num_classes, seed=hp.seed,
         )
 
+    def _batches_per_rank(self) -> int:
+        total = self.cfg.samples_per_epoch or self.info["splits"].get("train", {}).get("count")
+        if not total:
+            raise ValueError("data.samples_per_epoch is required when training from URLs without info.json")
+        batches = total // (self._world_size * self.batch_size)
+        if batches < 1:
+            raise ValueError(
+                f"data.samples_per_epoch={total} gives no full batch of {self.batch_size} "
+                f"on each of {self._world_size} ranks"
+            )
+        return batches
+
     def _stream(self, split: str, train: bool) -> ShardStream:
         if "text" in self.keys and self.tokenizer is None:
             self.setup()
         urls = self.split_urls(split)
-        batches = None
-        if train:
-            total = self.cfg.samples_per_epoch or self.info["splits"].get("train", {}).get("count")
-            if not total:
-                raise ValueError("data.samples_per_epoch is required when training from URLs without info.json")
-            batches = total // (self._world_size * self.batch_size)
-            if batches < 1:
-                raise ValueError(
-                    f"data.samples_per_epoch={total} gives no full batch of {self.batch_size} "
-                    f"on each of {self._world_size} ranks"
-                )
-        else:
+        batches = self._batches_per_rank() if train else None
+        if not train:
             # each shard is read once, by one worker of one rank: a rank with no shard would have no
             # batch (and hang the others at the end-of-epoch metric sync), an idle worker only wastes
             where = f"{split} of {self.name}" + (f" (data.{split}_urls)" if self.urls.get(split) is not None else "")
@@ -710,6 +307,8 @@ class WebDataModule(L.LightningDataModule):
         return ShardLoader(self._stream(split, train), self.num_workers, self.persistent_workers, self.pin_memory)
 
     def train_dataloader(self) -> ShardLoader:
+        if self._latents is not None:
+            return ShardLoader(self._cached_stream(), self.num_workers, self.persistent_workers, self.pin_memory)
         return self._loader("train", train=True)
 
     def val_dataloader(self) -> ShardLoader:
@@ -732,4 +331,3 @@ def _read_texts(urls: list[str]) -> Iterator[str]:
         for sample in read_shard(url, on_skip):
             if "txt" in sample:
                 yield sample["txt"].decode("utf-8", errors="replace")
-

@@ -14,11 +14,13 @@ float32), as timm's non-fused attention under autocast does. It materialises the
 which is fine at the sequence lengths CPUs train on.
 
 ``mask``: bool, broadcastable to [B, h, L, S], True = may attend (every row needs one True key).
+``MULTIMODAL_ATTENTION=sdpa`` in the environment turns the explicit path off (benchmarks compare both).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +29,12 @@ from torch import Tensor
 EXPLICIT_DTYPES = (torch.bfloat16, torch.float16)
 
 
+EXPLICIT_ON_CPU = os.environ.get("MULTIMODAL_ATTENTION", "").lower() != "sdpa"
+
+
 def uses_explicit(q: Tensor) -> bool:
     """Whether :func:`attention` takes the explicit path for ``q`` (CPU in a 16-bit float type)."""
-    return q.device.type == "cpu" and q.dtype in EXPLICIT_DTYPES
+    return EXPLICIT_ON_CPU and q.device.type == "cpu" and q.dtype in EXPLICIT_DTYPES
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False,

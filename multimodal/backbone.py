@@ -6,6 +6,7 @@ so image and audio tokens live in one code space.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -53,15 +54,23 @@ class Backbone(nn.Module):
     ) -> None:
         super().__init__()
         state = None
+        self.tokenizer_source: str | None = None  # the tokenizer file, when built from tokenizer_ckpt
         if tokenizer_ckpt is not None:
             if quantizer is not None or codecs:
                 raise ValueError("model.backbone: give either tokenizer_ckpt or quantizer + codecs, not both")
-            from .checkpoint import backbone_config, backbone_state, build_backbone, read_checkpoint
+            from .checkpoint import (
+                backbone_config,
+                build_backbone,
+                read_checkpoint,
+                resolve_checkpoint,
+                tokenizer_state,
+            )
 
-            checkpoint = read_checkpoint(tokenizer_ckpt)
+            self.tokenizer_source = str(resolve_checkpoint(tokenizer_ckpt).resolve())
+            checkpoint = read_checkpoint(self.tokenizer_source)
             stage1 = build_backbone(backbone_config(checkpoint))
             quantizer, codecs = stage1.quantizer, dict(stage1.codecs)
-            state = {k: v for k, v in backbone_state(checkpoint).items() if not k.startswith("trunk.")}
+            state = tokenizer_state(checkpoint)
         if quantizer is None:
             raise ValueError("model.backbone.quantizer is missing (or give model.backbone.tokenizer_ckpt)")
         if not codecs:
@@ -126,6 +135,24 @@ class Backbone(nn.Module):
         """Quantized latents [B, N, D] -> image [B, C, H, W] or log-mel [B, n_mels, frames]."""
         codec = self.codec(modality)
         return codec.decode(quantized, lengths) if modality == "audio" else codec.decode(quantized)
+
+    def tokenizer_fingerprint(self, modality: str) -> str:
+        """A short SHA-256 of everything that decides ``modality``'s codes: the codec's and the quantizer's
+        weights and buffers, and their classes and scalar settings (e.g. the audio hop). Keys caches of
+        codes (``datamodules.latent_cache``) to the very tokenizer that made them."""
+        digest = hashlib.sha256()
+        for name, module in (("codec", self.codec(modality)), ("quantizer", self.quantizer)):
+            for sub_name, sub in module.named_modules():
+                settings = {k: v for k, v in vars(sub).items() if not k.startswith("_") and k != "training"
+                            and isinstance(v, (bool, int, float, str, tuple))}
+                digest.update(f"{name}.{sub_name}:{type(sub).__qualname__}:{sorted(settings.items())}".encode())
+            for key, tensor in module.state_dict().items():
+                if not isinstance(tensor, Tensor):
+                    continue  # extra state (the quantizer's restart bookkeeping) does not change codes
+                t = tensor.detach().cpu().contiguous()
+                digest.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
+                digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return f"{modality}-{digest.hexdigest()[:16]}"
 
     @torch.no_grad()
     def snap_to_codebook(self, latents: Tensor) -> Tensor:

@@ -8,7 +8,16 @@ checkpoint, and ``on_train_end`` writes it only if none was ever written: a run 
 everything evaluated from ``last.ckpt`` was 342 steps older than the run's own last validation.
 The final save happens at the end of the last training batch/epoch, before weight averaging copies
 its averaged weights into the model at ``on_train_end``, so ``current_model_state`` holds the raw
-weights and resuming continues exactly.
+weights and resuming continues exactly. Three more things it does:
+
+* ``save_last: link`` (the recipes' setting): ``last.ckpt`` is a symbolic link to the newest step
+  checkpoint instead of a second full copy written seconds later (the final step gets a step
+  checkpoint of its own first), replaced atomically (a new link renamed over the old one);
+* every checkpoint file is written under a ``.partial`` name in its own folder and renamed when
+  complete, so a file named ``*.ckpt`` is always whole (fsspec's transaction used by Lightning
+  stages in ``$TMPDIR`` and copies across file systems);
+* ``--ckpt_path last`` resumes from the newest complete checkpoint of the whole run folder (every
+  ``version_N``, not only this run's new, empty one), whatever a kill left ``last.ckpt`` pointing at.
 
 ``EMA``: Lightning's ``EMAWeightAveraging`` with a decay warm-up, ``decay_n = min(decay, (1 + n) /
 (10 + n))`` after n updates (as TensorFlow's ``ExponentialMovingAverage(num_updates=...)``): with a
@@ -22,7 +31,10 @@ samples, gen_acc, fid_cls) came from the raw weights while the per-batch metrics
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import lightning.pytorch as pl
 import torch
@@ -39,7 +51,60 @@ class ModelCheckpoint(_LightningModelCheckpoint):
         return bool(self.save_last) and not self._should_skip_saving_checkpoint(trainer)
 
     def _save_final(self, trainer: pl.Trainer) -> None:
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        candidates = self._monitor_candidates(trainer)
+        if self.save_last == "link" and self.save_top_k != 0:
+            self._save_topk_checkpoint(trainer, candidates)  # a step checkpoint of the final step to link to
+        if self._last_global_step_saved != trainer.global_step:
+            self._last_checkpoint_saved = ""  # nothing of this step on disk to link to: write last.ckpt in full
+        self._save_last_checkpoint(trainer, candidates)
+
+    def _is_local(self) -> bool:
+        return "file" in getattr(self._fs, "protocol", ())
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        """Lightning's save, into ``<file>.partial`` in the same folder and renamed when complete."""
+        if not self._is_local():
+            return super()._save_checkpoint(trainer, filepath)
+        partial = f"{filepath}.partial"
+        trainer.save_checkpoint(partial, self.save_weights_only)
+        if trainer.is_global_zero and os.path.exists(partial):
+            os.replace(partial, filepath)
+        trainer.strategy.barrier("ModelCheckpoint.rename")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    @staticmethod
+    def _link_checkpoint(trainer: pl.Trainer, filepath: str, linkpath: str) -> None:
+        """``linkpath`` -> ``filepath`` (relative), made under a temporary name and renamed over the old
+        link, so ``last.ckpt`` never goes missing (Lightning removes the old link first)."""
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            tmp = f"{linkpath}.link-{os.getpid()}"
+            try:
+                os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), tmp)
+                os.replace(tmp, linkpath)
+            except OSError:  # no symbolic links here (e.g. Windows without the right): a full copy
+                _LightningModelCheckpoint._link_checkpoint(trainer, filepath, linkpath)
+                return
+        trainer.strategy.barrier()
+
+    def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
+        """What ``--ckpt_path last`` chooses from (Lightning takes the newest by modification time):
+        every complete checkpoint (``*.ckpt``, links resolved, broken ones left out) under the run's
+        ``default_root_dir`` when the checkpoints go inside it (all its ``version_N`` folders), else
+        under ``dirpath``."""
+        found = super()._find_last_checkpoints(trainer)
+        if not self._is_local():
+            return found
+        root = Path(trainer.default_root_dir).resolve()
+        where = Path(self.dirpath).resolve() if self.dirpath else root
+        if where == root or root in where.parents:
+            where = root
+        if where.is_dir():
+            found |= {os.path.normpath(p) for p in where.rglob(f"*{self.FILE_EXTENSION}") if p.is_file()}
+        return found
 
     @staticmethod
     def _last_epoch(trainer: pl.Trainer) -> bool:

@@ -83,11 +83,59 @@ def backbone_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return {k[len(PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(PREFIX)}
 
 
+TOKENIZER_KEYS = ("codecs.", "quantizer.")
+"""Backbone state keys of the tokenizer (codecs and shared quantizer)."""
+
+
+def tokenizer_fingerprints(backbone: Backbone) -> dict[str, str]:
+    """``{modality: Backbone.tokenizer_fingerprint(modality)}`` for every codec."""
+    return {m: backbone.tokenizer_fingerprint(m) for m in backbone.codecs}
+
+
+def tokenizer_state(checkpoint: dict[str, Any], backbone: Backbone | None = None) -> dict[str, Any]:
+    """The codecs' and quantizer's weights of a checkpoint (backbone-relative keys).
+
+    A stage-2 checkpoint whose tokenizer was frozen does not store them: it names the tokenizer file
+    and its fingerprints (``tokenizer_reference``, written by ``tasks.MultiTaskModule``). They are then
+    taken from ``backbone`` when its tokenizer has those fingerprints (nothing read), else from the
+    named file, and refused with both named when the file is gone or no longer the same tokenizer."""
+    state = {k: v for k, v in backbone_state(checkpoint).items() if k.startswith(TOKENIZER_KEYS)}
+    reference = checkpoint.get("tokenizer_reference")
+    if not reference:
+        return state
+    wanted = reference["fingerprints"]
+    if backbone is not None and tokenizer_fingerprints(backbone) == wanted:
+        return {k: v for k, v in backbone.state_dict().items() if k.startswith(TOKENIZER_KEYS)}
+    path = Path(reference["path"])
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"this checkpoint references its frozen tokenizer {path} (fingerprints {wanted}) instead of storing it, "
+            "and that file is gone: restore it, or set model.backbone.init_args.tokenizer_ckpt to a copy")
+    source = read_checkpoint(path)
+    tokenizer = build_backbone(backbone_config(source))
+    tokenizer.load_state_dict(tokenizer_state(source), strict=False)
+    found = tokenizer_fingerprints(tokenizer)
+    if found != wanted:
+        raise ValueError(f"this checkpoint was trained on the tokenizer {path} with fingerprints {wanted}, but that "
+                         f"file now holds {found} (retrained since?): point model.backbone.init_args.tokenizer_ckpt "
+                         "at the tokenizer the run was trained with")
+    return {k: v for k, v in tokenizer.state_dict().items() if k.startswith(TOKENIZER_KEYS)}
+
+
 def load_backbone(path: str | os.PathLike, map_location: str | torch.device = "cpu", eval_mode: bool = True) -> Backbone:
     """Build the backbone a checkpoint was trained with and load its weights (strictly).
 
     ``path``: a checkpoint file or a run folder (its newest last.ckpt)."""
     checkpoint = read_checkpoint(path, map_location)
-    backbone = build_backbone(backbone_config(checkpoint))
-    backbone.load_state_dict(backbone_state(checkpoint), strict=True)
+    try:
+        backbone = build_backbone(backbone_config(checkpoint))
+    except FileNotFoundError as err:
+        reference = checkpoint.get("tokenizer_reference")
+        if not reference:
+            raise
+        raise FileNotFoundError(
+            f"{path} references its frozen tokenizer {reference['path']} (fingerprints {reference['fingerprints']}) "
+            f"instead of storing it, and that file is gone ({err})") from err
+    state = {**tokenizer_state(checkpoint, backbone), **backbone_state(checkpoint)}
+    backbone.load_state_dict(state, strict=True)
     return backbone.eval() if eval_mode else backbone

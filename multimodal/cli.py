@@ -14,17 +14,21 @@ task's outputs to ``predictions/<task>.jsonl`` (+ PNG/WAV files) there (``multim
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from .allocator import tune_allocator
 from .precision import resolve_precision
+from .progress import default_progress_bar
 from .writer import PredictionWriter
 
 DEFAULT_ROOT = "runs"
@@ -64,6 +68,14 @@ class MultimodalCLI(LightningCLI):
             parser.set_defaults(weights_only=True)
         return parser
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        """Add the progress bar that suits stdout (``multimodal.progress``) unless the config has one or
+        turned progress bars off."""
+        given = [*(config.get("callbacks") or []), *callbacks]
+        if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks = [*callbacks, default_progress_bar()]
+        return super()._instantiate_trainer(config, callbacks)
+
     def before_instantiate_classes(self) -> None:
         """``trainer.precision`` unset: bf16-mixed where the hardware has native bf16, else 32-true
         (``multimodal.precision``); bf16 asked for on hardware without it is refused here, at start."""
@@ -83,9 +95,49 @@ class MultimodalCLI(LightningCLI):
         print(f"test metrics written to {path}")
 
 
+PROJECT_LOGGERS = ("multimodal", "tasks", "datamodules")
+
+BENIGN_WARNINGS = (
+    # ShardStream / CachedStream split their work by rank and worker themselves and know their length
+    r"Your `IterableDataset` has `__len__` defined",
+    # a frozen tokenizer is kept in eval mode on purpose (no codebook updates, no dropout)
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+    # short demo epochs: logging counts global steps across epochs, so it still happens
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
+    # Lightning's own use of a torch API deprecated in this torch release
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # the summary's size estimate only; training runs in the precision chosen
+    r"Precision bf16-mixed is not supported by the model summary",
+)
+"""Lightning warnings that say nothing about a run of this project (each with its reason); the CLI
+silences them so that what it prints is worth reading."""
+
+
+def quiet_benign_warnings() -> None:
+    for message in BENIGN_WARNINGS:
+        warnings.filterwarnings("ignore", message=f".*{message}")
+
+
+def show_project_logs() -> None:
+    """Print the project's INFO lines (the precision chosen, latent caches built or read, ...) like
+    Lightning's own, where nothing else configured logging (no root handler, e.g. not under pytest)."""
+    if logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for name in PROJECT_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
+        if not logger.handlers:
+            logger.addHandler(handler)
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> MultimodalCLI:
     """The project's LightningCLI (``run=False``: parse and instantiate only)."""
     tune_allocator()
+    show_project_logs()
+    quiet_benign_warnings()
     return MultimodalCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import platform
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -35,7 +35,7 @@ CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16", "svebf16")
 BF16_NAMES = ("bf16", "bf16-mixed", "bf16-true")
 
 
-@lru_cache(maxsize=None)
+@cache
 def cpu_bf16_flags() -> tuple[str, ...]:
     """The native bf16 instruction flags this CPU reports (empty where none, or not on Linux)."""
     try:

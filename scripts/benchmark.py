@@ -2,6 +2,9 @@
 
     python scripts/benchmark.py data        # WebDataModule vs bare webdataset vs ImageFolder
     python scripts/benchmark.py quantizer   # VectorQuantizer vs vector-quantize-pytorch
+    python scripts/benchmark.py matmul      # this machine's fp32 and bf16 matmul rates
+    python scripts/benchmark.py dit         # DiT-S/2: ours vs facebookresearch/DiT vs diffusers, fp32 and bf16
+    python scripts/benchmark.py stage2      # a quickstart stage-2 step: the old path vs each speed-up
 
 Each subcommand lives in ``scripts/benchmarks/<name>.py`` and exposes ``add_arguments(parser)``
 and ``run(args)``. Numbers are printed, never asserted in tests.

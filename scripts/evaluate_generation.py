@@ -40,10 +40,11 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = resolve_checkpoint(args.ckpt)
     model = MultiTaskModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
     if args.weights == "raw":
-        state = read_checkpoint(ckpt).get("current_model_state")
-        if state is None:
+        checkpoint = read_checkpoint(ckpt)
+        if checkpoint.get("current_model_state") is None:
             raise SystemExit(f"{ckpt} has no current_model_state (the run had no EMA callback): use --weights saved")
-        model.load_state_dict(state)
+        model.fill_tokenizer(checkpoint, ("current_model_state",))  # a frozen tokenizer is referenced, not stored
+        model.load_state_dict(checkpoint["current_model_state"])
     heads = {t: h for t, h in model.heads.items() if isinstance(h, GenerationHead)}
     task = args.task or next(iter(heads))
     head, backbone = heads[task], model.backbone

@@ -5,8 +5,8 @@
 # 1. the test subset marked `gpu` (bf16 autocast, torch.compile, a bf16-mixed fit on CUDA);
 # 2. a 200-step bf16-mixed multi-task fit with the `B` trunk preset (after a 200-step stage-1
 #    tokenizer, both on the embedded demo data), printing the training throughput;
-# 3. scripts/benchmark.py sample on cuda for the B preset (bf16 + torch.compile): sampling
-#    images/s and training step time vs diffusers' DiT of the same size, with MFU.
+# 3. scripts/benchmark.py dit on cuda for the B preset (fp32 and bf16, torch.compile): training step
+#    and CFG sampling vs facebookresearch/DiT (when .peers/DiT holds its clone) and diffusers, with MFU.
 set -euo pipefail
 OUT=${1:-runs/gpu_check}
 mkdir -p "$OUT"
@@ -37,5 +37,5 @@ print(f"multi-task fit, 200 steps x 4 tasks (B preset, bf16-mixed), incl. start-
       f"{end - start:.1f} s, {200 / (end - start):.2f} steps/s")
 EOF
 
-echo "== 3. sampling / training benchmark on cuda (B preset, bf16, compile) with MFU"
-python scripts/benchmark.py sample --device cuda --preset B --bf16 --compile --batch 64 --train-batch 64
+echo "== 3. DiT benchmark on cuda (B preset, fp32 and bf16, compile) with MFU"
+python scripts/benchmark.py dit --device cuda --preset B --compile --batch 64 --train-batch 64

@@ -24,6 +24,7 @@ from PIL import Image
 from datamodules.shards import encode_wav
 from datamodules.text import TextTokenizer
 from multimodal.checkpoint import resolve_checkpoint, run_datamodule
+from multimodal.precision import autocast_dtype
 from tasks import GenerationHead, MultiTaskModule
 
 
@@ -32,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="a generation checkpoint, or a run folder (its newest last.ckpt)")
     p.add_argument("--out", required=True, type=Path, help="output folder (created)")
     cond = p.add_mutually_exclusive_group()
-    cond.add_argument("--classes", type=int, nargs="+", help="class ids to generate for (class-conditional heads)")
+    cond.add_argument("--classes", nargs="+", help="class ids to generate for, or 'all' (class-conditional heads)")
     cond.add_argument("--captions-file", type=Path, help="a UTF-8 file with one caption per line (text-conditional heads)")
     p.add_argument("--per-class", type=int, default=4, help="samples per class or caption (default 4)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
@@ -88,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     elif head.condition == "label":
         if not args.classes:
             raise SystemExit(f"head {task!r} is class-conditional: pass --classes")
+        if args.classes == ["all"]:
+            args.classes = list(range(head.num_classes))
+        try:
+            args.classes = [int(c) for c in args.classes]
+        except ValueError:
+            raise SystemExit(f"--classes takes class ids or 'all', got {args.classes}") from None
         bad = [c for c in args.classes if not 0 <= c < head.num_classes]
         if bad:
             raise SystemExit(f"--classes {bad} outside [0, {head.num_classes})")
@@ -97,10 +104,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
+    dtype = autocast_dtype(args.device)  # bf16 where the hardware has it (multimodal.precision)
     for index, cond in groups:
         generator = torch.Generator(device=args.device).manual_seed(args.seed * 100_003 + index)
-        samples, judged = head.generate(model.backbone, generator=generator, steps=args.steps,
-                                        guidance=args.guidance, num=args.per_class, **cond)
+        with torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=dtype is not None):
+            samples, judged = head.generate(model.backbone, generator=generator, steps=args.steps,
+                                            guidance=args.guidance, num=args.per_class, **cond)
+        samples, judged = samples.float(), judged.float()
         if head.modality == "image":
             arrays = _to_uint8(samples)
             for i, a in enumerate(arrays):

@@ -62,6 +62,21 @@ def build_shards(
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def latent_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Cached tokenizer codes of every test go to a temporary folder (inherited by subprocesses)."""
+    import os
+
+    root = tmp_path_factory.mktemp("latents")
+    previous = os.environ.get("MULTIMODAL_LATENT_CACHE")
+    os.environ["MULTIMODAL_LATENT_CACHE"] = str(root)
+    yield root
+    if previous is None:
+        os.environ.pop("MULTIMODAL_LATENT_CACHE", None)
+    else:
+        os.environ["MULTIMODAL_LATENT_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_shards(tmp_path_factory.mktemp("shards"))

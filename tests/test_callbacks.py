@@ -36,17 +36,47 @@ def _fit(tmp_path: Path, checkpoint: Callback, *extra: Callback, **trainer_kwarg
     return model, torch.load(tmp_path / "ckpts" / "last.ckpt", weights_only=True)
 
 
+@pytest.mark.parametrize("save_last", [True, "link"])
 @pytest.mark.parametrize("end", ["max_steps", "stop", "max_epochs"])
-def test_last_checkpoint_is_the_final_step(tmp_path: Path, end: str) -> None:
+def test_last_checkpoint_is_the_final_step(tmp_path: Path, end: str, save_last: bool | str) -> None:
     extra = [StopAt(5)] if end == "stop" else []
     kwargs = {"max_steps": -1, "max_epochs": 2, "limit_train_batches": 3} if end == "max_epochs" else {}
     expected = {"max_steps": 7, "stop": 5, "max_epochs": 6}[end]
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True, every_n_train_steps=4, save_top_k=-1)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=save_last, every_n_train_steps=4, save_top_k=-1)
     model, saved = _fit(tmp_path, ckpt, *extra, **kwargs)
     assert saved["global_step"] == expected
     for name, value in model.state_dict().items():
         assert torch.equal(saved["state_dict"][name], value), name
-    assert list((tmp_path / "ckpts").glob("epoch=*-step=4.ckpt"))  # the periodic checkpoints still happen
+    folder = tmp_path / "ckpts"
+    assert list(folder.glob("epoch=*-step=4.ckpt"))  # the periodic checkpoints still happen
+    last = folder / "last.ckpt"
+    assert last.is_symlink() == (save_last == "link")
+    if save_last == "link":  # a link to a step checkpoint of the final step, not a second copy
+        assert last.resolve().name.endswith(f"step={expected}.ckpt")
+    assert not list(folder.glob("*.partial")) and not list(folder.glob("*.link-*"))  # nothing half-written left
+
+
+def test_resume_last_takes_the_newest_complete_checkpoint_of_the_run(tmp_path: Path) -> None:
+    """A kill after step 8's checkpoint but before last.ckpt was re-linked (here: the link put back
+    to step 4 by hand) and a resumed run in a new version folder still continue from step 8."""
+
+    def trainer(steps: int) -> L.Trainer:
+        ckpt = ModelCheckpoint(save_last="link", every_n_train_steps=4, save_top_k=-1)
+        return L.Trainer(default_root_dir=tmp_path, max_steps=steps, limit_val_batches=0, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[ckpt])
+
+    L.seed_everything(0)
+    trainer(8).fit(BoringModel())
+    folder = next(tmp_path.rglob("checkpoints"))
+    last = folder / "last.ckpt"
+    assert last.resolve().name == "epoch=0-step=8.ckpt"
+    last.unlink()
+    last.symlink_to("epoch=0-step=4.ckpt")  # what a kill between the two writes used to leave behind
+    (folder / "epoch=0-step=12.ckpt.partial").write_bytes(b"half a checkpoint")  # a save cut short: ignored
+    resumed = trainer(10)
+    resumed.fit(BoringModel(), ckpt_path="last")
+    assert resumed.ckpt_path is not None and resumed.ckpt_path.endswith("step=8.ckpt")
+    assert resumed.global_step == 10
 
 
 def test_lightning_checkpoint_alone_keeps_a_stale_last(tmp_path: Path) -> None:

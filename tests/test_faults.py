@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from datamodules import WebDataModule
-from datamodules.webdata import COUNT_EVENTS
+from datamodules.stream import COUNT_EVENTS
 from multimodal import AudioCodec, Backbone, VectorQuantizer
 from tasks import MultiTaskModule, ReconstructionHead
 
@@ -76,13 +76,13 @@ def test_nan_audio_never_reaches_a_loss(tmp_path: Path) -> None:
 
 
 def test_training_on_unusable_data_stops_with_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from datamodules import webdata
+    from datamodules import stream
     from datamodules.shards import ShardSink
 
     with ShardSink(tmp_path, "train", max_count=5) as sink:  # labels only: no image to load
         for i in range(10):
             sink.write({"__key__": f"s{i}", "cls": "0"})
-    monkeypatch.setattr(webdata, "BAD_IN_A_ROW", 50)
+    monkeypatch.setattr(stream, "BAD_IN_A_ROW", 50)
     data = WebDataModule(train_urls=str(tmp_path / "train-{000000..000001}.tar"), keys=["image"], batch_size=2,
                          samples_per_epoch=8)
     with pytest.raises(RuntimeError, match=r"50 training samples in a row could not be used.*missing_image"):

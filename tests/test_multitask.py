@@ -110,6 +110,8 @@ def test_quickstart_script_chains_both_stages(shard_dir: Path, tmp_path: Path) -
     heads = yaml.safe_load(stage2.read_text())["model"]["init_args"]["heads"]
     assert all(any(k.startswith(f"test/{task}/") for k in report) for task in heads)
     assert {p.stem for p in (out / "stage2").rglob("predictions/*.jsonl")} == set(heads)
+    assert (out / "samples" / "grid.png").is_file()  # generated samples, a row per class
+    assert "What the heads answer" in proc.stdout and "reference" in proc.stdout  # examples next to references
 
 
 def test_single_vs_multi_script(shard_dir: Path, tokenizer_run: Path, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import lightning as L
 import pytest
 import torch
 
-from datamodules import COUNTS_KEY, WebDataModule, webdata
+from datamodules import COUNTS_KEY, WebDataModule, stream
 from multimodal import Backbone, ImageCodec, VectorQuantizer
 from tasks import MultiTaskModule, ReconstructionHead
 from tests.conftest import build_shards
@@ -93,10 +93,10 @@ def test_fit_over_pipe_curl_survives_a_vanished_shard(served: tuple[Path, str], 
 def test_http_urls_read_every_sample_once_and_count_a_404(served: tuple[Path, str], opener: str,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     root, url = served
-    monkeypatch.setattr(webdata, "HTTP_OPENER", opener)  # fsspec: what is used where curl is missing
-    stream = webdata.open_shard(url + "/val-000000.tar")
-    assert type(stream).__module__.split(".")[0] == ("webdataset" if opener == "curl" else "fsspec")
-    stream.close()
+    monkeypatch.setattr(stream, "HTTP_OPENER", opener)  # fsspec: what is used where curl is missing
+    opened = stream.open_shard(url + "/val-000000.tar")
+    assert type(opened).__module__.split(".")[0] == ("webdataset" if opener == "curl" else "fsspec")
+    opened.close()
     data = WebDataModule(val_urls=url + "/val-{000000..000003}.tar", keys=["image", "label"],  # 000003: 404
                          batch_size=5)
     counts, keys = Counter(), []

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from datamodules import COUNTS_KEY, MultiTaskDataModule, WebDataModule
+from datamodules.stream import expand_urls
 from datamodules.text import BOS_ID, EOS_ID, PAD_ID
-from datamodules.webdata import expand_urls
 from tests.conftest import build_shards
 
 

@@ -14,7 +14,11 @@ A head is an ``nn.Module`` with
 * ``predict(backbone, batch) -> list[dict]``: one JSON-able record per sample;
 * ``log_media(backbone, batch, experiment, step, tag)``: images/audio/text to TensorBoard (optional);
 * ``discriminator`` (None or a module) and ``discriminator_loss(backbone, step)`` for adversarial
-  heads, which the module trains with a second optimizer.
+  heads, which the module trains with a second optimizer;
+* ``latent_request(backbone)``: ``(modality, keep_raw)`` when the head's training input is the frozen
+  tokenizer's codes of ``modality`` (it reads them through :func:`clean_latents`), so the module may
+  have the data read them from a cache encoded once (``datamodules.latent_cache``); ``keep_raw``
+  names raw modalities the head reads as well. None (default): the head needs the raw batch.
 """
 
 from __future__ import annotations
@@ -29,6 +33,31 @@ from multimodal.backbone import Backbone
 
 MODALITY_KEYS = {"image": ("image",), "audio": ("audio", "audio_lengths")}
 """The batch keys a head reading each modality needs."""
+
+CODE_KEYS = {"image": "image_codes", "audio": "audio_codes", "audio_lengths": "audio_codes"}
+"""The cached-codes key that stands in for a raw modality key (``datamodules.latent_cache``)."""
+
+
+def has_key(batch: dict[str, Any], key: str) -> bool:
+    """Whether ``batch`` provides ``key``, raw or as cached codes."""
+    return key in batch or (key in CODE_KEYS and CODE_KEYS[key] in batch)
+
+
+def clean_latents(backbone: Backbone, batch: dict[str, Any], modality: str) -> tuple[Tensor, Tensor]:
+    """The frozen tokenizer's quantized latents of a batch: code vectors [B, N, D] and token lengths [B].
+
+    Looked up from cached codes (``<modality>_codes`` [B, N], ``audio_code_lengths`` [B]) when the batch
+    has them, else encoded from the raw ``image`` / ``audio`` (``Backbone.quantized_latents``): the same
+    vectors either way."""
+    codes = batch.get(f"{modality}_codes")
+    if codes is not None:
+        lengths = batch.get(f"{modality}_code_lengths")
+        if lengths is None:
+            lengths = torch.full((codes.shape[0],), codes.shape[1], dtype=torch.long, device=codes.device)
+        with torch.no_grad():
+            return backbone.quantizer.lookup(codes), lengths
+    lengths = batch["audio_lengths"] if modality == "audio" else None
+    return backbone.quantized_latents(modality, batch[modality], lengths)
 
 
 def check_modality(modality: str, head: str) -> tuple[str, ...]:
@@ -77,3 +106,8 @@ class Head(nn.Module):
 
     def discriminator_loss(self, backbone: Backbone, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         return torch.zeros(()), {}
+
+    def latent_request(self, backbone: Backbone) -> tuple[str, tuple[str, ...]] | None:
+        """``(modality, keep_raw)`` when training reads only frozen codes of ``modality`` (see the module
+        docstring); default None."""
+        return None

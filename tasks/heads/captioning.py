@@ -135,6 +135,9 @@ class CaptioningHead(Head):
     def attach(self, backbone: Backbone, task: str) -> None:
         self.features.check(backbone, task)
 
+    def latent_request(self, backbone: Backbone) -> tuple[str, tuple[str, ...]] | None:
+        return self.features.latent_request(backbone)
+
     def bind_data(self, data: Any, task: str) -> None:
         self.vocab.bind(getattr(data, "tokenizer", None), task)
         self._data = data  # the baseline's training captions are read lazily, at the first evaluation

@@ -165,6 +165,9 @@ class ClassificationHead(Head):
     def attach(self, backbone: Backbone, task: str) -> None:
         self.reader.check(backbone, task)
 
+    def latent_request(self, backbone: Backbone) -> tuple[str, tuple[str, ...]] | None:
+        return self.reader.latent_request(backbone)
+
     # ------------------------------------------------------------------ forward
     def logits(self, backbone: Backbone, batch: dict[str, Any]) -> Tensor:
         """batch -> class logits [B, num_classes]."""

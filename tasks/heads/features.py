@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from multimodal.backbone import Backbone
 from multimodal.diffusion import measure_latent_scale
+from tasks.heads.base import clean_latents
 
 SOURCES = ("quantized", "continuous")
 NORMS = ("none", "batch")
@@ -119,13 +120,17 @@ class TrunkFeatures(nn.Module):
             raise ValueError(f"model.backbone.trunk.in_dim={trunk.in_dim} does not match the tokenizer's latent "
                              f"size (quantizer dim={backbone.quantizer.dim})")
 
+    def latent_request(self, backbone: Backbone) -> tuple[str, tuple[str, ...]] | None:
+        """``(modality, ())`` when the features read quantized codes (cacheable), else None."""
+        return (self.modality, ()) if self.source == "quantized" and self.modality != "text" else None
+
     def latents(self, backbone: Backbone, batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
         """Unscaled latents [B, N, D] and the token mask [B, N] (None for images)."""
-        x = batch[self.modality]
-        lengths = batch.get("audio_lengths") if self.modality == "audio" else None
         if self.source == "quantized":
-            z, token_lengths = backbone.quantized_latents(self.modality, x, lengths)
+            z, token_lengths = clean_latents(backbone, batch, self.modality)
         else:
+            x = batch[self.modality]
+            lengths = batch.get("audio_lengths") if self.modality == "audio" else None
             with torch.set_grad_enabled(torch.is_grad_enabled() and not backbone.freeze_tokenizer):
                 z, token_lengths = backbone.encode(self.modality, x, lengths)
         if self.modality == "image":

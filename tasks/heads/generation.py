@@ -30,7 +30,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from multimodal.backbone import Backbone
 from multimodal.diffusion import GaussianDiffusion
-from tasks.heads.base import Head, check_modality
+from tasks.heads.base import Head, check_modality, clean_latents
 from tasks.judge import JudgeNet
 
 CONDITIONS = ("label", "text", "none")
@@ -121,11 +121,14 @@ class GenerationHead(Head):
 
     # ------------------------------------------------------------------ pieces
     def _latents(self, backbone: Backbone, batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+        x0, lengths = clean_latents(backbone, batch, self.modality)
         if self.modality == "image":
-            x0, _ = backbone.quantized_latents("image", batch["image"])
             return x0, None
-        x0, lengths = backbone.quantized_latents("audio", batch["audio"], batch["audio_lengths"])
         return x0, torch.arange(x0.shape[1], device=x0.device)[None, :] < lengths[:, None]
+
+    def latent_request(self, backbone: Backbone) -> tuple[str, tuple[str, ...]] | None:
+        """The codes of the modality it generates; the raw modality too when the judge trains on it."""
+        return self.modality, ((self.modality,) if self.judge is not None else ())
 
     def _model_kwargs(self, backbone: Backbone, batch_size: int, y: Tensor | None = None,
                       text_ids: Tensor | None = None, text_lengths: Tensor | None = None) -> dict[str, Any]:

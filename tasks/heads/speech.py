@@ -189,6 +189,9 @@ class SpeechHead(Head):
     def attach(self, backbone: Backbone, task: str) -> None:
         self.reader.check(backbone, task)
 
+    def latent_request(self, backbone: Backbone) -> tuple[str, tuple[str, ...]] | None:
+        return self.reader.latent_request(backbone)
+
     def bind_data(self, data: Any, task: str) -> None:
         self.vocab.bind(getattr(data, "tokenizer", None), task)
 
