@@ -1,10 +1,29 @@
-"""Metrics torchmetrics does not have, written as torchmetrics ``Metric`` s (DDP-synchronised)."""
+"""Metrics torchmetrics does not have, written as torchmetrics ``Metric`` s (DDP-synchronised), and
+:func:`update_fp32`, how every metric is fed under bf16 autocast."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+
+
+def update_fp32(metric: Metric, *args: Any, **kwargs: Any) -> None:
+    """``metric.update(...)`` with floating tensors cast to float32 and autocast off.
+
+    Evaluation runs under the trainer's autocast, so a head's outputs (and any network a metric runs
+    inside, like FID's feature extractor) would be bf16: torchmetrics computes in the input dtype, and
+    SSIM in bf16 came out above 1 (E[x^2] - E[x]^2 in 8 bits of mantissa). Metric inputs and states
+    stay float32."""
+
+    def cast(value: Any) -> Any:
+        return value.float() if isinstance(value, Tensor) and value.is_floating_point() else value
+
+    device = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), "cpu")
+    with torch.autocast(device, enabled=False):
+        metric.update(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
 
 
 class CodebookUsage(Metric):

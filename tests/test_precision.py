@@ -176,3 +176,21 @@ def test_bf16_loss_curve_follows_fp32(shard_dir: Path, tokenizer_run: Path, tmp_
     assert rel.mean() < 0.01 and rel.max() < 0.02, rel
     assert rel.max() > 0  # not the same numbers: the bf16 run did compute in bf16
     assert fp32[-5:].mean() < fp32[:5].mean() and bf16[-5:].mean() < bf16[:5].mean()
+
+
+def test_metrics_are_fed_in_float32_under_bf16_autocast() -> None:
+    """SSIM of bf16 images computed in bf16 is not even bounded by 1; update_fp32 computes it in fp32."""
+    from torchmetrics.image import StructuralSimilarityIndexMeasure
+
+    from tasks.metrics import update_fp32
+
+    torch.manual_seed(0)
+    target = torch.rand(4, 3, 32, 32) * 2 - 1
+    rec = (target + 0.05 * torch.randn_like(target)).clamp(-1, 1)
+    reference = StructuralSimilarityIndexMeasure(data_range=2.0)
+    reference.update(rec.bfloat16().float(), target.bfloat16().float())
+    fed = StructuralSimilarityIndexMeasure(data_range=2.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        update_fp32(fed, rec.bfloat16(), target.bfloat16())
+    assert float(fed.compute()) <= 1.0
+    assert torch.allclose(fed.compute(), reference.compute(), atol=1e-6)

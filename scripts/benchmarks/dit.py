@@ -257,7 +257,7 @@ def run(args: argparse.Namespace) -> None:
         times = median_time(fns)
         print(f"\n{title}; median of {args.repeats}, seconds")
         mfu = " | MFU" if peak else ""
-        print(f"| model | precision | seconds | GFLOP/s | of the {{precision}} matmul rate{mfu} |")
+        print(f"| model | precision | seconds | GFLOP/s | of the matmul rate at that precision{mfu} |")
         print("| --- | --- | --- | --- | ---" + (" | ---" if peak else "") + " |")
         for (name, prec), seconds in times.items():
             rate = flops / seconds / 1e9

@@ -32,6 +32,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from multimodal.backbone import Backbone
 from tasks.heads.base import Head
 from tasks.heads.features import INPUT_MODALITIES, TrunkFeatures
+from tasks.metrics import update_fp32
 
 POOLINGS = ("attention", "mean")
 
@@ -213,7 +214,7 @@ class ClassificationHead(Head):
         labels = batch["label"].to(logits.device)
         loss, valid = self._loss(logits, labels)
         if bool(valid.any()):
-            metrics.update(logits[valid].float(), labels[valid])
+            update_fp32(metrics, logits[valid], labels[valid])
         return {"loss": loss.detach(), "skipped/bad_label": (~valid).sum().float()}
 
     def evaluate_end(self, backbone: Backbone, metrics: MetricCollection, seed: int = 0) -> None:

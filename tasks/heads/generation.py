@@ -32,6 +32,7 @@ from multimodal.backbone import Backbone
 from multimodal.diffusion import GaussianDiffusion
 from tasks.heads.base import Head, check_modality, clean_latents
 from tasks.judge import JudgeNet
+from tasks.metrics import update_fp32
 
 CONDITIONS = ("label", "text", "none")
 
@@ -242,13 +243,13 @@ class GenerationHead(Head):
 
     def evaluate(self, backbone: Backbone, batch: dict[str, Any], metrics: MetricCollection) -> dict[str, Tensor]:
         loss, logs = self.loss(backbone, batch, step=-1)
-        metrics["diffusion_loss"].update(logs["diffusion/loss"])
+        update_fp32(metrics["diffusion_loss"], logs["diffusion/loss"])
         if self.judge is not None:
             real = self._judge_input(backbone, batch)
-            metrics["judge_acc_real"].update(self.judge.classify(real), batch["label"])
-            if self._due:
-                metrics["fid_cls"].update(real, real=True)
-                metrics["fid_cls_floor"].update(real, real=True)
+            update_fp32(metrics["judge_acc_real"], self.judge.classify(real), batch["label"])
+            if self._due:  # the judge's features inside FID in float32 too
+                update_fp32(metrics["fid_cls"], real, real=True)
+                update_fp32(metrics["fid_cls_floor"], real, real=True)
         if self._due and sum(len(c["y"] if "y" in c else c.get("text_ids", [])) for c in self._conditions) < self.eval_samples:
             cond = {k: v for k, v in self._batch_conditions(batch).items()}
             if self.condition == "text" and "label" in batch:
@@ -271,12 +272,12 @@ class GenerationHead(Head):
             lens = lengths[sl] if lengths is not None else None
             _, judged = self.generate(backbone, y=y, text_ids=ids, text_lengths=lens, num=len(targets[sl]),
                                       generator=generator)
-            metrics["gen_acc"].update(self.judge.classify(judged), targets[sl])
-            metrics["fid_cls"].update(judged, real=False)
+            update_fp32(metrics["gen_acc"], self.judge.classify(judged), targets[sl])
+            update_fp32(metrics["fid_cls"], judged, real=False)
             samples.append(judged[: self.num_media] if not samples else judged[:0])
         self.last_samples = torch.cat(samples)[: self.num_media]
         if len(self._floor) > 1:
-            metrics["fid_cls_floor"].update(torch.stack(self._floor).to(device), real=False)
+            update_fp32(metrics["fid_cls_floor"], torch.stack(self._floor).to(device), real=False)
         else:  # no training data seen in this process (e.g. `lightning test` from a checkpoint)
             metrics["fid_cls_floor"].reset()
 

@@ -25,7 +25,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from multimodal.backbone import Backbone, Tokens
 from tasks.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss
 from tasks.heads.base import Head, check_modality
-from tasks.metrics import CodebookUsage
+from tasks.metrics import CodebookUsage, update_fp32
 
 
 class ReconstructionHead(Head):
@@ -140,14 +140,15 @@ class ReconstructionHead(Head):
         target, rec, mask, tokens = self.reconstruct(backbone, batch)
         rec_loss, logs = self.reconstruction_loss(target, rec, mask)
         if self.modality == "image":
-            rec = rec.clamp(-1.0, 1.0)
-            metrics["psnr"].update(rec, target)
-            metrics["ssim"].update(rec, target)
+            rec = rec.float().clamp(-1.0, 1.0)
+            update_fp32(metrics["psnr"], rec, target)
+            update_fp32(metrics["ssim"], rec, target)
         else:
+            rec, target, mask = rec.float(), target.float(), mask.float()
             valid = mask.expand_as(target).bool()
             per_item = ((rec - target).abs() * mask).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1)
-            metrics["log_mel_l1"].update(per_item)
-            metrics["mel_snr"].update(rec.exp() * mask, target.exp() * mask)
+            update_fp32(metrics["log_mel_l1"], per_item)
+            update_fp32(metrics["mel_snr"], rec.exp() * mask, target.exp() * mask)
         metrics["codebook"].update(tokens.codes, tokens.mask)
         return {"loss": (rec_loss + self.vq_weight * tokens.loss).detach(), **logs}
 
