@@ -60,6 +60,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "L": {"depth": 24, "hidden_size": 1024, "num_heads": 16, "mlp_ratio": 4.0},
     "XL": {"depth": 28, "hidden_size": 1152, "num_heads": 16, "mlp_ratio": 4.0},
 }
+GELU_LAYERS = {"exact": nn.GELU, "tanh": GELUTanh}
+"""The MLP's activation. DiT uses GELU's tanh approximation; the exact (erf) GELU is the default here:
+on this project's CPU in bf16 it is 3.6x faster (9.4 vs 34 ms on [32, 256, 1536], one thread) and
+differs from the approximation by < 5e-4, below bf16's rounding of the activations."""
 MODALITIES = ("image", "audio", "text")
 GRID_MODALITIES = ("image",)  # 2-D token grids; the others are 1-D sequences
 
@@ -118,12 +122,13 @@ class DiTBlock(nn.Module):
     ``gate * branch``. The modulation Linear is zero-initialised, so the block starts as identity.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
+                 gelu: str = "exact") -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=GELUTanh, drop=0.0)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=GELU_LAYERS[gelu], drop=0.0)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
@@ -177,6 +182,7 @@ class DiffusionTransformer(nn.Module):
             the trunk can DENOISE them; False when no head generates audio (audio is then only encoded,
             by ``features``), so no parameter goes unused (plain DDP needs every parameter in the loss).
         frequency_size: sinusoidal timestep features before the timestep MLP.
+        gelu: the MLP activation, ``exact`` (default) or ``tanh`` (DiT's approximation; see ``GELU_LAYERS``).
     """
 
     def __init__(
@@ -196,8 +202,11 @@ class DiffusionTransformer(nn.Module):
         grad_checkpointing: bool = False,
         frequency_size: int = 256,
         sequence_output: bool = True,
+        gelu: str = "exact",
     ) -> None:
         super().__init__()
+        if gelu not in GELU_LAYERS:
+            raise ValueError(f"DiffusionTransformer: gelu must be one of {sorted(GELU_LAYERS)}, got {gelu!r}")
         cfg = resolve_preset(PRESETS, preset, "DiffusionTransformer", depth=depth, hidden_size=hidden_size,
                              num_heads=num_heads, mlp_ratio=mlp_ratio)
         depth, hidden_size, num_heads, mlp_ratio = (cfg["depth"], cfg["hidden_size"], cfg["num_heads"],
@@ -242,7 +251,7 @@ class DiffusionTransformer(nn.Module):
         self.text_embedder = nn.Embedding(text_vocab_size, hidden_size) if text_vocab_size else None
         self.modality_embed = nn.Parameter(torch.zeros(len(MODALITIES), hidden_size))
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, r) for r in rates)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, r, gelu) for r in rates)
         self.final_layer = FinalLayer(hidden_size, in_dim * p2, in_dim if patch_size > 1 and sequence_output else None)
         self._pos_cache: dict[tuple, Tensor] = {}
         self.initialize_weights()

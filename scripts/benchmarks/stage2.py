@@ -7,14 +7,16 @@ validation, no checkpoints) that times ``--steps`` training steps after ``--warm
 change at a time:
 
 * ``fp32, shards``: the path before these changes: float32, every batch decoded from the shards and
-  encoded by the frozen tokenizer, the per-parameter optimizer loop, torch's SDPA, glibc's default
-  allocator settings (``--trainer.precision 32 --model.init_args.cache_latents false
-  --model.init_args.fused_optimizer false``, ``MULTIMODAL_ATTENTION=sdpa MULTIMODAL_MALLOC=default``);
+  encoded by the frozen tokenizer, the per-parameter optimizer loop, torch's SDPA, GELU's tanh
+  approximation, glibc's default allocator settings (``--trainer.precision 32
+  --model.init_args.cache_latents false --model.init_args.fused_optimizer false``, the trunk's
+  ``gelu: tanh``, ``MULTIMODAL_ATTENTION=sdpa MULTIMODAL_MALLOC=default``);
 * ``+ bf16``: bf16 autocast (torch's SDPA flash kernel on the CPU);
 * ``+ explicit attention``: ``multimodal.attention``'s explicit softmax(QK^T)V on CPUs in bf16;
 * ``+ latent cache``: codes read from ``datamodules.latent_cache`` instead of decoding and encoding;
 * ``+ fused optimizer``: torch's fused AdamW kernel per task in ``TaskAdamW``;
-* ``+ allocator``: ``multimodal.allocator``'s glibc settings: the defaults of ``lightning fit`` now.
+* ``+ allocator``: ``multimodal.allocator``'s glibc settings;
+* ``+ exact GELU``: the trunk's MLP with the exact (erf) GELU: the defaults of ``lightning fit`` now.
 
 A step is the time between two consecutive ``on_train_batch_start`` hooks (forward, backward,
 optimizer, EMA update, logging and the next batch's loading), reported as the median; forward
@@ -37,14 +39,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
-ROWS = [
-    ("fp32, shards (before)", {"precision": "32", "cache": False, "fused": False, "attention": "sdpa", "malloc": "default"}),
-    ("+ bf16 autocast", {"precision": "bf16-mixed", "cache": False, "fused": False, "attention": "sdpa", "malloc": "default"}),
-    ("+ explicit attention", {"precision": "bf16-mixed", "cache": False, "fused": False, "attention": "explicit", "malloc": "default"}),
-    ("+ latent cache", {"precision": "bf16-mixed", "cache": True, "fused": False, "attention": "explicit", "malloc": "default"}),
-    ("+ fused optimizer", {"precision": "bf16-mixed", "cache": True, "fused": True, "attention": "explicit", "malloc": "default"}),
-    ("+ allocator (now the default)", {"precision": "bf16-mixed", "cache": True, "fused": True, "attention": "explicit", "malloc": "tuned"}),
-]
+_BEFORE = {"precision": "32", "cache": False, "fused": False, "attention": "sdpa", "malloc": "default", "gelu": "tanh"}
+ROWS = [("fp32, shards (before)", _BEFORE)]
+for _name, _change in (("+ bf16 autocast", {"precision": "bf16-mixed"}), ("+ explicit attention", {"attention": "explicit"}),
+                       ("+ latent cache", {"cache": True}), ("+ fused optimizer", {"fused": True}),
+                       ("+ allocator", {"malloc": "tuned"}), ("+ exact GELU (now the default)", {"gelu": "exact"})):
+    ROWS.append((_name, {**ROWS[-1][1], **_change}))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,7 +96,8 @@ def _worker(spec: dict) -> None:
             "callbacks": [{"class_path": "multimodal.callbacks.EMA", "init_args": {"decay": 0.995}}],
         },
         "model": {"init_args": {"cache_latents": spec["cache"], "fused_optimizer": spec["fused"],
-                                "backbone": {"init_args": {"tokenizer_ckpt": spec["tokenizer"]}}}},
+                                "backbone": {"init_args": {"tokenizer_ckpt": spec["tokenizer"],
+                                                           "trunk": {"init_args": {"gelu": spec["gelu"]}}}}}},
     }
     path = Path(spec["root"]) / "overlay.yaml"
     path.write_text(yaml.safe_dump(overlay))
