@@ -191,6 +191,17 @@ class EMA(EMAWeightAveraging):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Keep the averaged weights for the module's own epoch-end evaluation (swapped back below)."""
 
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """The averaged weights as ``state_dict``, with the live model's module extra state: that is not
+        averaged but metadata bound after the average was copied (the heads' text vocabularies and class
+        names, bound at setup), which the copy made at fit start does not have."""
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        current = checkpoint.get("current_model_state")
+        if current is not None:
+            for key, value in current.items():
+                if key.endswith("_extra_state"):
+                    checkpoint["state_dict"][key] = value
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._average_model is not None:
             self._swap_models(pl_module)  # the raw weights again, before any checkpoint of this step

@@ -150,7 +150,22 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> MultimodalCLI:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``lightning`` and ``python -m multimodal`` (returns None: exit status 0)."""
+    """Entry point of ``lightning`` and ``python -m multimodal`` (returns None: exit status 0).
+
+    ``lightning assist ...`` is the assistant's command line (``tasks.assistant.cli``), imported only
+    when asked for: this package never imports ``tasks`` otherwise."""
+    import sys
+
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["assist"]:
+        import importlib
+
+        tune_allocator()
+        quiet_benign_warnings()
+        status = importlib.import_module("tasks.assistant.cli").main(argv[1:])
+        if status:
+            raise SystemExit(status)
+        return
     build_cli(args)
 
 

@@ -22,15 +22,20 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
 
-def _png(image: torch.Tensor) -> bytes:
+def png_bytes(image: torch.Tensor) -> bytes:
+    """An image [C, H, W] in [-1, 1] -> PNG bytes (8-bit RGB or grey)."""
     array = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     buf = io.BytesIO()
     Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buf, format="PNG")
     return buf.getvalue()
 
 
-def _wav(audio: torch.Tensor, sample_rate: int) -> bytes:
-    pcm = (audio.float().clamp(-1, 1).cpu().numpy() * 32767).astype(np.int16)
+def wav_bytes(audio: torch.Tensor, sample_rate: int, peak: float | None = None) -> bytes:
+    """A waveform [T] -> 16-bit mono WAV bytes; ``peak``: scale the loudest sample to it first."""
+    audio = audio.float()
+    if peak is not None:
+        audio = audio / audio.abs().max().clamp(min=1e-6) * peak
+    pcm = (audio.clamp(-1, 1).cpu().numpy() * 32767).astype(np.int16)
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:
         w.setnchannels(1)
@@ -74,11 +79,11 @@ class PredictionWriter(BasePredictionWriter):
         for name, value in record.items():
             if isinstance(value, torch.Tensor) and name == "image" and value.dim() == 3:
                 folder.mkdir(parents=True, exist_ok=True)
-                (folder / f"{key}.png").write_bytes(_png(value))
+                (folder / f"{key}.png").write_bytes(png_bytes(value))
                 out[name] = str(folder / f"{key}.png")
             elif isinstance(value, torch.Tensor) and name == "audio" and value.dim() == 1:
                 folder.mkdir(parents=True, exist_ok=True)
-                (folder / f"{key}.wav").write_bytes(_wav(value, int(record.get("sample_rate", 16000))))
+                (folder / f"{key}.wav").write_bytes(wav_bytes(value, int(record.get("sample_rate", 16000))))
                 out[name] = str(folder / f"{key}.wav")
             elif isinstance(value, torch.Tensor):
                 out[name] = value.tolist()

@@ -32,6 +32,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from multimodal.backbone import Backbone
 from tasks.heads.base import Head
 from tasks.heads.features import INPUT_MODALITIES, TrunkFeatures
+from tasks.heads.labels import ClassNames
 from tasks.metrics import update_fp32
 
 POOLINGS = ("attention", "mean")
@@ -148,6 +149,7 @@ class ClassificationHead(Head):
         self.modality, self.num_classes, self.trunk_hidden = modality, int(num_classes), int(trunk_hidden)
         self.pooling, self.label_smoothing, self.num_media = pooling, float(label_smoothing), int(num_media)
         self.reader = TrunkFeatures(modality, source, feature_norm, trunk_hidden)
+        self.class_names = ClassNames(num_classes)  # the data's names, kept in the checkpoint
         self.required_keys = (*self.reader.keys, "label")
         self.backbone_modalities = (modality,) if modality != "text" else ()
         self.pool = AttentionPool(trunk_hidden, pool_heads) if pooling == "attention" else None
@@ -168,6 +170,10 @@ class ClassificationHead(Head):
 
     def latent_request(self, backbone: Backbone) -> tuple[str, tuple[str, ...]] | None:
         return self.reader.latent_request(backbone)
+
+    def bind_data(self, data: Any, task: str) -> None:
+        self.class_names.bind(getattr(data, "classes", None), task)
+        self.reader.bind_data(data, task)
 
     # ------------------------------------------------------------------ forward
     def logits(self, backbone: Backbone, batch: dict[str, Any]) -> Tensor:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from multimodal.backbone import Backbone
 from multimodal.diffusion import measure_latent_scale
 from tasks.heads.base import clean_latents
+from tasks.heads.vocab import TextVocabulary
 
 SOURCES = ("quantized", "continuous")
 NORMS = ("none", "batch")
@@ -92,6 +93,13 @@ class TrunkFeatures(nn.Module):
         self.register_buffer("latent_scale", torch.tensor(1.0))
         self.register_buffer("scale_measured", torch.tensor(modality == "text"))
         self.norm = FeatureNorm(dim) if norm == "batch" else None
+        # text: the data's sentencepiece model, kept in the checkpoint (size checked against the trunk in check)
+        self.vocab = TextVocabulary("sentencepiece", size=1 << 30) if modality == "text" else None
+
+    def bind_data(self, data: Any, task: str) -> None:
+        """Text: take the data's sentencepiece model and max_length (``TextVocabulary.bind``)."""
+        if self.vocab is not None:
+            self.vocab.bind(getattr(data, "tokenizer", None), task, follow_max_length=True)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         """A checkpoint from before ``feature_norm`` has no statistics: its head was trained without
@@ -114,6 +122,7 @@ class TrunkFeatures(nn.Module):
         if self.modality == "text":
             if not getattr(trunk, "text_vocab_size", 0):
                 raise ValueError(f"head {task!r} reads text: set model.backbone.trunk.text_vocab_size")
+            self.vocab.size = int(trunk.text_vocab_size)
             return
         backbone.codec(self.modality)
         if trunk.in_dim != backbone.quantizer.dim:

@@ -31,6 +31,8 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from multimodal.backbone import Backbone
 from multimodal.diffusion import GaussianDiffusion
 from tasks.heads.base import Head, check_modality, clean_latents
+from tasks.heads.labels import ClassNames
+from tasks.heads.vocab import TextVocabulary
 from tasks.judge import JudgeNet
 from tasks.metrics import update_fp32
 
@@ -97,6 +99,9 @@ class GenerationHead(Head):
         self.required_keys = tuple(keys)
         self.backbone_modalities = (modality,)
         self.judge = JudgeNet(3 if modality == "image" else 1, num_classes, judge_width) if judge else None
+        # kept in the checkpoint, bound at setup: what a class is called, and the captions' tokenizer
+        self.class_names = ClassNames(num_classes) if num_classes else None
+        self.text_vocab = TextVocabulary("sentencepiece", size=1 << 30) if condition == "text" else None
         self.register_buffer("scale_measured", torch.tensor(False))
         self._floor: list[Tensor] = []  # reservoir of real training judge inputs (not checkpointed)
         self._seen = 0
@@ -119,6 +124,14 @@ class GenerationHead(Head):
             raise ValueError(f"head {task!r}: trunk num_classes={trunk.num_classes} < the head's num_classes={self.num_classes}")
         if self.condition == "text" and not trunk.text_vocab_size:
             raise ValueError(f"head {task!r} conditions on text: set model.backbone.trunk.text_vocab_size (the data's vocabulary)")
+        if self.text_vocab is not None:
+            self.text_vocab.size = int(trunk.text_vocab_size)
+
+    def bind_data(self, data: Any, task: str) -> None:
+        if self.class_names is not None:
+            self.class_names.bind(getattr(data, "classes", None), task)
+        if self.text_vocab is not None:
+            self.text_vocab.bind(getattr(data, "tokenizer", None), task, follow_max_length=True)
 
     # ------------------------------------------------------------------ pieces
     def _latents(self, backbone: Backbone, batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:

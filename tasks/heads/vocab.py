@@ -5,10 +5,16 @@
 extra state, a uint8 tensor) so ``lightning test`` / ``predict`` decode text without the data
 folder. ``chars``: a fixed lower-case character set, for CTC when word pieces are too coarse.
 Ids 0-3 are pad (= the CTC blank), unk, bos, eos in both.
+
+The heads that READ text (text-conditional generation, text classification) keep the data's
+sentencepiece model the same way (``kind='sentencepiece'``, bound at setup), with the data's
+``max_length``, so a checkpoint alone turns a sentence into the ids it was trained on.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import sentencepiece as spm
@@ -19,6 +25,22 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL = 4
 CHARS = " abcdefghijklmnopqrstuvwxyz0123456789'.,-?!"
 KINDS = ("sentencepiece", "chars")
+
+
+def tolerate_missing_extra_state(load: Callable[..., None]) -> Callable[..., None]:
+    """``nn.Module._load_from_state_dict`` that accepts a checkpoint without the module's extra state
+    (saved before the module stored one): the module keeps its unbound default instead of a
+    strict-loading error."""
+
+    @functools.wraps(load)
+    def _load_from_state_dict(self: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any,
+                              strict: bool, missing_keys: list[str], *args: Any) -> None:
+        load(self, state_dict, prefix, local_metadata, strict, missing_keys, *args)
+        key = prefix + "_extra_state"
+        if key in missing_keys:
+            missing_keys.remove(key)
+
+    return _load_from_state_dict
 
 
 class TextVocabulary(nn.Module):
@@ -47,17 +69,20 @@ class TextVocabulary(nn.Module):
     def ready(self) -> bool:
         return self.kind == "chars" or self._sp is not None
 
-    def bind(self, tokenizer: Any, task: str) -> None:
-        """Take the data's sentencepiece model (a ``datamodules.TextTokenizer``), checking its size."""
+    def bind(self, tokenizer: Any, task: str, follow_max_length: bool = False) -> None:
+        """Take the data's sentencepiece model (a ``datamodules.TextTokenizer``), checking its size;
+        ``follow_max_length``: take the tokenizer's ``max_length`` too (a head that reads text)."""
         if self.kind == "chars":
             return
         if tokenizer is None:
             if self.ready:
                 return  # restored from the checkpoint; the data brings no text (e.g. predict on images)
-            raise ValueError(f"head {task!r} writes sentencepiece text but its data has no tokenizer: "
+            raise ValueError(f"head {task!r} uses sentencepiece text but its data has no tokenizer: "
                              "add 'text' to the data's keys")
         with open(tokenizer.model_path, "rb") as f:
             self._load(f.read())
+        if follow_max_length and getattr(tokenizer, "max_length", None):
+            self.max_length = int(tokenizer.max_length)
         if self._sp.get_piece_size() > self.size:
             raise ValueError(f"head {task!r}: the data's sentencepiece vocabulary has {self._sp.get_piece_size()} "
                              f"pieces but the head's vocab_size is {self.size}; raise the head's vocab_size")
@@ -68,7 +93,7 @@ class TextVocabulary(nn.Module):
 
     def get_extra_state(self) -> dict[str, Any]:
         proto = torch.frombuffer(bytearray(self._proto), dtype=torch.uint8) if self._proto else torch.zeros(0, dtype=torch.uint8)
-        return {"kind": self.kind, "model": proto}
+        return {"kind": self.kind, "model": proto, "max_length": self.max_length}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         if state.get("kind") != self.kind:
@@ -76,6 +101,10 @@ class TextVocabulary(nn.Module):
         model = state.get("model")
         if model is not None and model.numel():
             self._load(bytes(model.cpu().numpy().tobytes()))
+        if state.get("max_length"):
+            self.max_length = int(state["max_length"])
+
+    _load_from_state_dict = tolerate_missing_extra_state(nn.Module._load_from_state_dict)
 
     # ------------------------------------------------------------------ text <-> ids
     def _check_ready(self) -> None:
