@@ -24,12 +24,14 @@ PREFIX = "backbone."
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint file, or a run folder: then its newest ``last.ckpt`` (by modification time)."""
+    """A checkpoint file, or a run folder: then its newest ``last.ckpt`` (by modification time), or
+    its newest checkpoint where no ``last.ckpt`` was written."""
     path = Path(path)
     if path.is_dir():
         found = sorted(path.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+        found = found or sorted(path.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:
-            raise FileNotFoundError(f"no last.ckpt under {path}: train that stage first")
+            raise FileNotFoundError(f"no last.ckpt (no checkpoint at all) under {path}: train that stage first")
         return found[-1]
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")

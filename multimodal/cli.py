@@ -27,6 +27,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from .allocator import tune_allocator
+from .checkpoint import resolve_checkpoint
 from .precision import resolve_precision
 from .progress import default_progress_bar
 from .writer import PredictionWriter
@@ -80,6 +81,10 @@ class MultimodalCLI(LightningCLI):
         """``trainer.precision`` unset: bf16-mixed where the hardware has native bf16, else 32-true
         (``multimodal.precision``); bf16 asked for on hardware without it is refused here, at start."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        ckpt = config.get("ckpt_path")
+        if isinstance(ckpt, str) and os.path.isdir(ckpt):  # a run folder: its newest last.ckpt
+            config["ckpt_path"] = str(resolve_checkpoint(ckpt))
+            rank_zero_info(f"ckpt_path {ckpt} -> {config['ckpt_path']}")
         trainer = config.get("trainer")
         if trainer is None:
             return

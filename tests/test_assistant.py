@@ -128,7 +128,11 @@ def test_every_input_kind_is_answered_by_the_heads_that_read_it(assistant: Assis
     assert [a.task for a in label.answers] == ["generate"] and label.answer("generate").prompt == "c1"
     assert assistant(label=1).answer("generate").files == label.answer("generate").files
     named = assistant(text="draw a C1 please", tasks=["generate"])
-    assert named.answer("generate").notes == ["'draw a C1 please' names class 'c1'"]
+    assert named.answer("generate").notes == ["'draw a C1 please' names class 'c1' (2 sample(s) each, in that order)"]
+    several = assistant(text="c2 then c0 and c2", tasks=["generate"]).answer("generate")
+    assert "names classes 'c2', 'c0'" in several.notes[0] and len(several.files) == 4
+    alone = assistant(label="c0").answer("generate").files
+    assert [Path(f).read_bytes() for f in several.files[2:]] == [Path(f).read_bytes() for f in alone]
     # the same request, the same answers and files
     again = assistant(text="a red circle")
     assert _plain(again.to_dict()) == _plain(text.to_dict())
@@ -244,10 +248,7 @@ class _Answers(HTMLParser):
             self.error = data
 
     def handle_endtag(self, tag: str) -> None:
-        if tag == "div" and self._field:
-            self._field = None
-        elif tag == "div" and self._task and self._field is None and tag == "div":
-            pass
+        self._field = None  # a shown value is the text of one element
 
     def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.handle_starttag(tag, attrs)

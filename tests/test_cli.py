@@ -45,6 +45,9 @@ def test_fit_two_steps_then_test_writes_report(shard_dir: Path, tmp_path: Path) 
     main(["test", *_base(shard_dir, tmp_path), f"--ckpt_path={ckpts[0]}"])
     reports = list(tmp_path.glob("lightning_logs/version_*/test_metrics.json"))
     assert len(reports) == 1
+    main(["test", *_base(shard_dir, tmp_path), f"--ckpt_path={tmp_path}"])  # a run folder: its newest checkpoint
+    again = sorted(tmp_path.glob("lightning_logs/version_*/test_metrics.json"))
+    assert len(again) == 2 and json.loads(again[1].read_text())["test/acc"] == json.loads(reports[0].read_text())["test/acc"]
     metrics = json.loads(reports[0].read_text())
     assert {"test/loss", "test/acc", "test/skipped"} <= set(metrics)
     assert 0.0 <= metrics["test/acc"] <= 1.0

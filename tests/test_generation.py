@@ -93,7 +93,7 @@ def test_bad_generation_settings_fail_at_start(tokenizer_run: Path, shard_dir: P
     trainer = L.Trainer(default_root_dir=tmp_path, logger=False, max_steps=1, enable_progress_bar=False)
     with pytest.raises(ValueError, match="head 'gen' needs \\['text'\\]"):
         trainer.fit(model, WebDataModule(root=str(shard_dir), keys=["image", "label"], batch_size=2))
-    with pytest.raises(FileNotFoundError, match="no last.ckpt under"):
+    with pytest.raises(FileNotFoundError, match=r"no last.ckpt \(no checkpoint at all\) under"):
         Backbone(tokenizer_ckpt=str(tmp_path), trunk=_trunk())
 
 

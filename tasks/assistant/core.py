@@ -128,6 +128,7 @@ class Assistant:
         if samples < 1 or (steps is not None and steps < 1) or (guidance is not None and guidance < 0):
             raise ValueError(f"assistant: samples and steps must be >= 1, guidance >= 0 (got {samples}, {steps}, {guidance})")
         self.model = model.to(device).eval()
+        self.checkpoint: Path | None = None  # set by from_checkpoint
         self.device = torch.device(device)
         self.out_dir = Path(out_dir)
         self.samples, self.steps, self.guidance, self.seed = samples, steps, guidance, seed
@@ -193,7 +194,10 @@ class Assistant:
                 if said is None:
                     response.notes.append("chain: no caption or transcript to pass on")
                 else:
-                    response.steps.append(self._text(said, tasks=None, generate=True))
+                    step_start = time.perf_counter()
+                    step = self._text(said, tasks=None, generate=True)
+                    step.seconds = round(time.perf_counter() - step_start, 4)
+                    response.steps.append(step)
             response.seconds = round(time.perf_counter() - start, 4)
         return response
 
@@ -337,10 +341,14 @@ class Assistant:
             return answer
         if head.condition == "label":
             found = named_classes(text, head.class_names.names)
-            if len(found) != 1:
-                return None  # the text names no class of this head (or several): nothing to draw
-            answer = self.generate_class(task, head, found[0], prompt=text)
-            answer.notes.append(f"{text!r} names class {head.class_names.names[found[0]]!r}")
+            if not found:
+                return None  # the text names no class of this head: nothing to draw
+            answers = [self.generate_class(task, head, i, prompt=text) for i in found]
+            answer = answers[0]
+            answer.files = [f for a in answers for f in a.files]
+            names = [head.class_names.names[i] for i in found]
+            answer.notes.append(f"{text!r} names class{'es' if len(names) > 1 else ''} "
+                                + ", ".join(repr(n) for n in names) + f" ({self.samples} sample(s) each, in that order)")
             return answer
         return None
 
@@ -361,16 +369,17 @@ class Assistant:
     # ------------------------------------------------------------------ generation
     def generate_class(self, task: str, head: GenerationHead, index: int, prompt: str | None = None) -> Answer:
         y = torch.full((self.samples,), index, dtype=torch.long, device=self.device)
-        return self._generate(task, head, prompt or head.class_names.names[index], y=y)
+        name = head.class_names.names[index]
+        return self._generate(task, head, prompt or name, tag=f"class-{name}" if prompt else None, y=y)
 
-    def _generate(self, task: str, head: GenerationHead, prompt: str, **cond: Any) -> Answer:
+    def _generate(self, task: str, head: GenerationHead, prompt: str, tag: str | None = None, **cond: Any) -> Answer:
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
         with self._autocast():
             samples, _ = head.generate(self.model.backbone, generator=generator, steps=self.steps or head.sample_steps,
                                        guidance=self.guidance, num=self.samples, **cond)
         samples = samples.float().cpu()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        stem = f"{task}-{_slug(prompt)}-s{self.seed}"
+        stem = f"{task}-{_slug(prompt)}{'-' + _slug(tag) if tag else ''}-s{self.seed}"
         files = []
         for i, sample in enumerate(samples):
             if head.modality == "image":
@@ -386,17 +395,20 @@ class Assistant:
 
 
 def named_classes(text: str, names: list[str]) -> list[int]:
-    """The classes ``text`` names as whole words (case-insensitive); numeric names also by their
-    English word ("three" -> "3")."""
+    """The classes ``text`` names as whole words (case-insensitive), in the order they are first
+    named; numeric names also by their English word ("three" -> "3")."""
     words = re.findall(r"[\w']+", text.casefold())
-    found = []
+    first: dict[int, int] = {}
     for i, name in enumerate(names):
         forms = {name.casefold()}
         if name.isdigit() and int(name) < len(NUMBER_WORDS):
             forms.add(NUMBER_WORDS[int(name)])
-        if any(" ".join(words[k:k + len(f.split())]) == f for f in forms for k in range(len(words))):
-            found.append(i)
-    return found
+        for f in forms:
+            n = len(f.split())
+            hits = [k for k in range(len(words)) if " ".join(words[k:k + n]) == f]
+            if hits:
+                first[i] = min(first.get(i, hits[0]), hits[0])
+    return sorted(first, key=first.get)
 
 
 def _bind_from_run(model: MultiTaskModule, ckpt: Path) -> None:

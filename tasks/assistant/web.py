@@ -18,6 +18,7 @@ the server keeps serving. Requests reach the model one at a time (``Assistant.lo
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import logging
@@ -53,6 +54,9 @@ def create_app(assistant: Assistant, max_upload_mb: float = 20.0) -> FastAPI:
         """Parse the form and ask the assistant: (status, response or error dict, the form's fields)."""
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit + 65536:
+            if int(declared) <= 16 * limit:  # read and drop it, so the client sees the answer, not a reset
+                async for _ in request.stream():
+                    pass
             return 413, {"error": f"the upload is {int(declared) / 2**20:.1f} MB; the limit is {max_upload_mb:g} MB"}, {}
         try:
             form = await request.form(max_files=1, max_fields=8)
@@ -86,6 +90,7 @@ def create_app(assistant: Assistant, max_upload_mb: float = 20.0) -> FastAPI:
         result = response.to_dict()
         if filename:
             result["value"] = filename
+            fields["preview"] = _preview(kwargs.get("image"), kwargs.get("audio"))
         return 200, _with_urls(result, out_dir), fields
 
     @app.get("/", response_class=HTMLResponse)
@@ -95,7 +100,7 @@ def create_app(assistant: Assistant, max_upload_mb: float = 20.0) -> FastAPI:
     @app.post("/", response_class=HTMLResponse)
     async def answer_page(request: Request) -> HTMLResponse:
         status, result, fields = await ask(request)
-        body = _error(result["error"]) if "error" in result else _render(result)
+        body = _error(result["error"]) if "error" in result else _render(result, fields.get("preview", ""))
         return HTMLResponse(_page(summary, classes, fields, body), status_code=status)
 
     @app.post("/api/answer")
@@ -134,10 +139,21 @@ def _error(message: str) -> str:
     return f'<div class="error" data-kind="error">{html.escape(message)}</div>'
 
 
-def _render(result: dict[str, Any]) -> str:
+def _preview(image: bytes | None, audio: bytes | None) -> str:
+    """The uploaded input, shown beside its answers (an inline image or a player; 4 MB at most)."""
+    data = image if image is not None else audio
+    if data is None or len(data) > 4 * 2**20:
+        return ""
+    uri = "data:application/octet-stream;base64," + base64.b64encode(data).decode("ascii")
+    if image is not None:
+        return f'<img class="input-image" src="{uri}" alt="the uploaded image">'
+    return f'<audio controls src="{uri}"></audio>'
+
+
+def _render(result: dict[str, Any], preview: str = "") -> str:
     """A Response dict -> HTML; every value shown carries data-* attributes naming its field."""
     e = html.escape
-    parts = [f'<div class="input" data-input="{e(result["input"])}">{e(result["input"])}: <b>{e(result["value"])}</b>'
+    parts = [f'<div class="input" data-input="{e(result["input"])}">{preview} {e(result["input"])}: <b>{e(result["value"])}</b>'
              f' <span class="note">({result["seconds"]:.2f} s)</span></div>']
     parts += [f'<div class="note">{e(n)}</div>' for n in result["notes"]]
     parts.append('<div class="answers">')
@@ -146,7 +162,8 @@ def _render(result: dict[str, Any]) -> str:
         if a["kind"] in ("caption", "transcript"):
             body = f'<div class="text" data-field="text">{e(a["text"] or "")}</div>'
         elif a["kind"] == "class":
-            body = f'<div class="text" data-field="text">{e(a["text"])}</div>'
+            body = (f'<div><span class="text" data-field="text">{e(a["text"])}</span> '
+                    f'<span class="note">p = {a["probs"][a["text"]]:.2f}</span></div>')
             for name, p in list(a["probs"].items())[:10]:
                 body += (f'<div class="bar" data-field="prob" data-name="{e(name)}" data-value="{p}"><span>{e(name)}</span>'
                          f'<span class="track"><span class="fill" style="display:block;width:{100 * p:.1f}%"></span></span>'

@@ -99,7 +99,7 @@ class TrunkFeatures(nn.Module):
     def bind_data(self, data: Any, task: str) -> None:
         """Text: take the data's sentencepiece model and max_length (``TextVocabulary.bind``)."""
         if self.vocab is not None:
-            self.vocab.bind(getattr(data, "tokenizer", None), task, follow_max_length=True)
+            self.vocab.bind(getattr(data, "tokenizer", None), task, follow_max_length=True, required=False)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         """A checkpoint from before ``feature_norm`` has no statistics: its head was trained without

@@ -131,7 +131,7 @@ class GenerationHead(Head):
         if self.class_names is not None:
             self.class_names.bind(getattr(data, "classes", None), task)
         if self.text_vocab is not None:
-            self.text_vocab.bind(getattr(data, "tokenizer", None), task, follow_max_length=True)
+            self.text_vocab.bind(getattr(data, "tokenizer", None), task, follow_max_length=True, required=False)
 
     # ------------------------------------------------------------------ pieces
     def _latents(self, backbone: Backbone, batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:

@@ -69,13 +69,15 @@ class TextVocabulary(nn.Module):
     def ready(self) -> bool:
         return self.kind == "chars" or self._sp is not None
 
-    def bind(self, tokenizer: Any, task: str, follow_max_length: bool = False) -> None:
+    def bind(self, tokenizer: Any, task: str, follow_max_length: bool = False, required: bool = True) -> None:
         """Take the data's sentencepiece model (a ``datamodules.TextTokenizer``), checking its size;
-        ``follow_max_length``: take the tokenizer's ``max_length`` too (a head that reads text)."""
+        ``follow_max_length``: take the tokenizer's ``max_length`` too (a head that reads text);
+        ``required=False``: data without a tokenizer leaves it as it is (the check of the data's keys
+        against the head's names what is missing)."""
         if self.kind == "chars":
             return
         if tokenizer is None:
-            if self.ready:
+            if self.ready or not required:
                 return  # restored from the checkpoint; the data brings no text (e.g. predict on images)
             raise ValueError(f"head {task!r} uses sentencepiece text but its data has no tokenizer: "
                              "add 'text' to the data's keys")
