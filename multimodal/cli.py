@@ -29,6 +29,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from .allocator import tune_allocator
 from .checkpoint import resolve_checkpoint
 from .precision import resolve_precision
+from .prerequisites import SetupError
+from .prerequisites import check as check_prerequisites
 from .progress import default_progress_bar
 from .writer import PredictionWriter
 
@@ -81,6 +83,7 @@ class MultimodalCLI(LightningCLI):
         """``trainer.precision`` unset: bf16-mixed where the hardware has native bf16, else 32-true
         (``multimodal.precision``); bf16 asked for on hardware without it is refused here, at start."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        check_prerequisites(config, self.subcommand)  # one line for a missing checkpoint, folder, model
         ckpt = config.get("ckpt_path")
         if isinstance(ckpt, str) and os.path.isdir(ckpt):  # a run folder: its newest last.ckpt
             config["ckpt_path"] = str(resolve_checkpoint(ckpt))
@@ -171,7 +174,11 @@ def main(args: list[str] | None = None) -> None:
         if status:
             raise SystemExit(status)
         return
-    build_cli(args)
+    try:
+        build_cli(args)
+    except SetupError as err:  # a missing prerequisite: one line, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
