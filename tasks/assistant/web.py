@@ -3,7 +3,7 @@
 A small FastAPI app rather than Gradio: the page is one HTML form rendered on the server from the
 very :class:`~tasks.assistant.core.Response` the Python API returns (so what the page shows is the
 API's answer, testable without a browser), it needs no JavaScript, and FastAPI + uvicorn install in
-seconds with nothing fetched at run time (Gradio brings ~100 MB of front end and phones home for
+seconds with nothing fetched at run time (Gradio brings a large front end of its own and sends usage
 analytics unless told not to).
 
     GET  /             the page            POST /            the page with the answers
