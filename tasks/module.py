@@ -509,11 +509,28 @@ class MultiTaskModule(CheckpointWeights, L.LightningModule):
                             task_weights=self.loss_weights, fused=hp.get("fused_optimizer"))
         else:
             fused = hp.get("fused_optimizer")
-            if fused is None:
+            foreach = False if fused is False else None  # false: the plain per-parameter implementation
+            # Lightning's mixed-precision plugin refuses to clip the gradients of a fused optimizer (it
+            # could unscale them itself): clipping (the adversarial heads' grad_clip, or
+            # trainer.gradient_clip_val) under bf16/fp16 autocast steps with torch's unfused AdamW instead
+            trainer = self._trainer
+            clips = (self.adversarial and hp.get("grad_clip")) or (trainer is not None and trainer.gradient_clip_val)
+            mixed = trainer is not None and str(trainer.precision) in ("bf16-mixed", "16-mixed")
+            if clips and mixed:
+                if fused:
+                    raise ValueError(f"model.fused_optimizer=true cannot clip gradients under trainer.precision="
+                                     f"{trainer.precision} (Lightning refuses a fused optimizer there): leave "
+                                     "model.fused_optimizer unset, or turn the clipping off (model.grad_clip / "
+                                     "trainer.gradient_clip_val)")
+                if fused is None:
+                    log.info("gradient clipping under %s: AdamW steps unfused (Lightning does not clip a fused "
+                             "optimizer's gradients)", trainer.precision)
+                fused = False
+            elif fused is None:
                 fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
                             for g in groups for p in g["params"])
             opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay,
-                                    fused=fused or None, foreach=False if not fused else None)
+                                    fused=fused or None, foreach=foreach)
         sched = {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, self._schedule), "interval": "step"}
         if not self.adversarial:
             return {"optimizer": opt, "lr_scheduler": sched}

@@ -37,6 +37,7 @@ IF_SET: dict[str, Any] = {
     "trunk_hidden": TRUNK_HIDDEN,
     "eval_samples": 4,
     "num_media": 2,
+    "gan_start_step": 1,  # the adversarial recipes' discriminator runs within the 2 test steps
 }
 DATA: dict[str, Any] = {"batch_size": 4, "samples_per_epoch": 8, "eval_batch_size": None}
 
