@@ -83,7 +83,7 @@ class MultimodalCLI(LightningCLI):
         """``trainer.precision`` unset: bf16-mixed where the hardware has native bf16, else 32-true
         (``multimodal.precision``); bf16 asked for on hardware without it is refused here, at start."""
         config = self.config[self.subcommand] if self.subcommand else self.config
-        check_prerequisites(config, self.subcommand)  # one line for a missing checkpoint, folder, model
+        check_prerequisites(config)  # one line for a missing checkpoint, folder, model
         ckpt = config.get("ckpt_path")
         if isinstance(ckpt, str) and os.path.isdir(ckpt):  # a run folder: its newest last.ckpt
             config["ckpt_path"] = str(resolve_checkpoint(ckpt))

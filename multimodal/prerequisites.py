@@ -57,7 +57,7 @@ def _value(config: Any, dotted: str) -> Any:
     return node
 
 
-def check(config: Any, subcommand: str | None = None) -> None:
+def check(config: Any) -> None:
     """Raise :class:`SetupError` for the first missing prerequisite of ``config`` (a subcommand's
     parsed config: ``model``, ``data``, ``trainer``, ``ckpt_path``)."""
     for setting, value in walk(config):

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datamodules.shards import encode_wav
 from datamodules.text import TextTokenizer
 from multimodal.checkpoint import resolve_checkpoint, run_datamodule
 from multimodal.precision import autocast_dtype
+from multimodal.writer import wav_bytes
 from tasks import GenerationHead, MultiTaskModule
 
 
@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(np.concatenate(list(arrays), axis=1))
         else:
             rate = model.backbone.codec("audio").sample_rate
-            for i, wave in enumerate(samples.cpu().numpy()):
-                (args.out / f"{index}_{i}.wav").write_bytes(encode_wav(wave / max(1e-6, np.abs(wave).max()) * 0.9, rate))
+            for i, wave in enumerate(samples):
+                (args.out / f"{index}_{i}.wav").write_bytes(wav_bytes(wave, rate, peak=0.9))
             mels = judged[:, 0]
             mels = (mels - mels.amin()) / (mels.amax() - mels.amin()).clamp(min=1e-6)
             rows.append(np.concatenate(list((mels.flip(1) * 255).to(torch.uint8).cpu().numpy()), axis=1))
