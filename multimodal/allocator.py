@@ -4,9 +4,11 @@ glibc serves allocations above its mmap threshold (128 KiB at start, raised by i
 size of blocks freed so far) with fresh ``mmap`` pages, which the kernel zero-fills at their first
 touch, and trims freed memory back to the kernel. PyTorch's CPU allocator asks glibc for every
 tensor, so a training step that makes and frees the same large temporaries each step pays those
-page faults again every time. Measured on this project's CPU (one thread): ``x / 3.0`` on a 1.5 MB
-tensor (the DiT's adaLN weights, [1536, 256]) takes 0.56 ms with the defaults and 0.085 ms with
-the settings below; a quickstart stage-2 step drops by ~6 % (``python scripts/benchmark.py stage2``).
+page faults again every time. Measured on this project's CPU (one thread): a quickstart stage-2 step
+drops by 5.6 % (``python scripts/benchmark.py stage2``, the ``+ allocator`` row); one op on a 1.5 MB
+tensor repeated in a loop runs the same either way (``python scripts/benchmark.py kernels``: glibc
+raises its threshold to a size once it has seen one freed), so the gain comes from a step's mix of
+tensor sizes.
 Intel's PyTorch CPU tuning guide recommends jemalloc or tcmalloc for the same reason; neither is on
 every machine, while ``mallopt`` is part of glibc, so it is set here at start (nothing in torch or
 Lightning does this).

@@ -6,9 +6,9 @@ Everywhere but one case this is ``F.scaled_dot_product_attention`` (FlashAttenti
 memory-efficient kernel on GPUs, torch's flash kernel on CPUs in float32). The exception is a CPU
 in bfloat16 (or float16): there torch's CPU flash kernel is the slow path, its backward above all.
 Measured on this project's 2-core CPU (one thread, avx512_bf16; ``python scripts/benchmark.py
-attention``), forward + backward of q, k, v [64, 4, 16, 64] (the quickstart's image batches): bf16
-flash 20 ms, fp32 flash 5.3 ms, and the explicit ``softmax(q k^T) v`` below in bf16 2.8 ms, its two
-matmuls on the bf16 units; at [32, 4, 80, 64] with a padding mask (speech) 47 / 18 / 14 ms. The
+kernels``), forward + backward of q, k, v [64, 4, 16, 64] (the quickstart's image batches): bf16
+flash 25.4 ms, fp32 flash 6.1 ms, and the explicit ``softmax(q k^T) v`` below in bf16 4.0 ms, its two
+matmuls on the bf16 units; at [32, 4, 80, 64] with a padding mask (speech) 45.7 / 19.7 / 15.6 ms. The
 explicit form rounds the scores to bf16 before the softmax (the softmax itself accumulates in
 float32), as timm's non-fused attention under autocast does. It materialises the [L, S] score matrix,
 which is fine at the sequence lengths CPUs train on.

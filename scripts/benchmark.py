@@ -6,6 +6,7 @@
     python scripts/benchmark.py dit         # DiT-S/2: ours vs facebookresearch/DiT vs diffusers, fp32 and bf16
     python scripts/benchmark.py stage2      # a quickstart stage-2 step: the old path vs each speed-up
     python scripts/benchmark.py assistant   # the assistant: model load, one image, one clip, generation
+    python scripts/benchmark.py kernels     # attention, GELU, allocator, TaskAdamW: the CPU speed choices
 
 Each subcommand lives in ``scripts/benchmarks/<name>.py`` and exposes ``add_arguments(parser)``
 and ``run(args)``. Numbers are printed, never asserted in tests.

@@ -136,8 +136,8 @@ class TaskAdamW(torch.optim.Optimizer):
     ``lr * w_t`` and weight decay applied once beforehand, so the sum of the tasks' updates is applied
     as consecutive in-place steps (equal up to float rounding); None (default) = where the parameters'
     device supports it (CPU, CUDA), False = the per-parameter Python loop of the update rule. Measured
-    on one CPU core for the quickstart trunk (7.1 M shared parameters, 4 tasks): 69 ms a step in the
-    loop, 26 ms fused (``python scripts/benchmark.py stage2``)."""
+    on one CPU core for the quickstart trunk (7.5 M shared parameters, 4 tasks): 91 ms a step in the
+    loop, 39 ms fused (``python scripts/benchmark.py kernels``)."""
 
     def __init__(self, params: Any, taps: TaskGradients, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, task_weights: dict[str, float] | None = None,
