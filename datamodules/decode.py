@@ -3,8 +3,15 @@
     image        float [B, C, H, W] in [-1, 1]
     audio        float [B, T] mono at the configured rate; audio_lengths long [B]
     text         list[str]; text_ids long [B, L] (BOS ... EOS, right-padded with pad id); text_lengths long [B]
+    references   list[list[str]]: every caption of each sample (``text`` is one of them, see below)
     label        long [B]
     __key__      list[str]
+
+Several captions per sample (COCO/Flickr style): a ``captions.json`` member holding a JSON list of
+strings (:data:`CAPTIONS_MEMBER`; ``txt`` then holds the first, for readers that know only ``txt``).
+Training draws one caption per sample with the pass's seeded generator (so a resumed pass draws the
+same); evaluation takes the first as ``text``; ``references`` always holds all of them (a one-item
+list for single-caption data, which is read exactly as before).
 
 A sample that cannot be decoded raises :class:`BadSample` with a reason; the pipeline in
 ``webdata.py`` turns that into a counted, logged skip.
@@ -13,6 +20,7 @@ A sample that cannot be decoded raises :class:`BadSample` with a reason; the pip
 from __future__ import annotations
 
 import io
+import json
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,9 +34,13 @@ from .shards import AUDIO_EXTS, IMAGE_EXTS, AudioDecodeError, read_audio
 MODALITIES = ("image", "audio", "text", "label")
 SAMPLE_REASONS = (
     "corrupt_image", "truncated_audio", "empty_audio", "undecodable_audio", "non_finite_audio", "empty_text",
-    "bad_label", "unknown_label", *(f"missing_{m}" for m in MODALITIES),
+    "bad_captions", "bad_label", "unknown_label", *(f"missing_{m}" for m in MODALITIES),
 )
 """Every :class:`BadSample` reason (audio ones from ``shards.read_audio``)."""
+
+
+CAPTIONS_MEMBER = "captions.json"
+"""Shard member (extension) holding every caption of a sample as a JSON list of strings."""
 
 
 class BadSample(Exception):
@@ -100,10 +112,10 @@ class SampleDecoder:
                 wave = wave[start : start + self.audio_max_samples]
             out["audio"] = torch.from_numpy(np.ascontiguousarray(wave))
         if "text" in self.keys:
-            text = _member(sample, ("txt",), "text").decode("utf-8", errors="replace").strip()
-            if not text:
-                raise BadSample("empty_text")
-            out["text"] = text
+            captions = read_captions(sample)
+            # one draw per multi-caption sample only: single-caption data keeps its random stream
+            out["text"] = self.rng.choice(captions) if self.train and len(captions) > 1 else captions[0]
+            out["references"] = captions
         if "label" in self.keys:
             raw = _member(sample, ("cls",), "label")
             try:
@@ -114,6 +126,27 @@ class SampleDecoder:
                 raise BadSample("unknown_label", f"{label} not in [0, {self.num_classes})")
             out["label"] = label
         return out
+
+
+def read_captions(sample: dict[str, Any]) -> list[str]:
+    """Every caption of a raw sample: its ``captions.json`` list, else its ``txt``; stripped, blanks
+    dropped. Raises :class:`BadSample` ``bad_captions`` (not a JSON list of strings, e.g. strings
+    mixed with numbers), ``empty_text`` (no caption left) or ``missing_text``."""
+    if CAPTIONS_MEMBER in sample:
+        try:
+            value = json.loads(sample[CAPTIONS_MEMBER])
+        except (ValueError, UnicodeDecodeError) as err:
+            raise BadSample("bad_captions", f"{CAPTIONS_MEMBER} is not JSON ({err})") from err
+        if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+            kinds = sorted({type(c).__name__ for c in value}) if isinstance(value, list) else [type(value).__name__]
+            raise BadSample("bad_captions", f"{CAPTIONS_MEMBER} must be a JSON list of strings, got {kinds}")
+        captions = [c.strip() for c in value if c.strip()]
+    else:
+        text = _member(sample, ("txt",), "text").decode("utf-8", errors="replace").strip()
+        captions = [text] if text else []
+    if not captions:
+        raise BadSample("empty_text")
+    return captions
 
 
 def _member(sample: dict[str, Any], exts: tuple[str, ...], modality: str) -> bytes:
@@ -142,6 +175,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch["audio"], batch["audio_lengths"] = pad_1d([s["audio"] for s in samples], 0.0)
     if "text" in first:
         batch["text"] = [s["text"] for s in samples]
+        batch["references"] = [s.get("references") or [s["text"]] for s in samples]
         if "text_ids" in first:
             batch["text_ids"], batch["text_lengths"] = pad_1d([s["text_ids"] for s in samples], first["pad_id"])
     if "label" in first:

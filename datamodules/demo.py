@@ -3,8 +3,10 @@
 Three small data sets in the shard format of DESIGN.md, built from nothing but the installed
 packages (no downloads), deterministic for a seed:
 
-``shapes``  32x32 RGB scenes of 1-3 coloured shapes with a caption from their attributes and
-            relations; label = shape of the largest object.
+``shapes``  32x32 RGB scenes of 1-3 coloured shapes with four captions from their attributes and
+            relations (true paraphrases: the same scene with objects and relations named in another
+            order or with other words; ``captions.json``, the first also in ``txt``); label = shape
+            of the largest object.
 ``spoken``  spoken commands ("go three one") synthesised by espeak-ng with many voices, rates,
             pitches and noise levels, 16 kHz; label = the command word. Two voice variants are
             kept out of train/val/test and form an extra ``heldout`` split. espeak-ng carries
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DEMO_SETS",
     "SIZES",
-    "FORMAT_VERSION",
+    "FORMAT_VERSIONS",
     "SHAPES",
     "COMMANDS",
     "default_cache_dir",
@@ -52,8 +54,9 @@ __all__ = [
 
 DEMO_SETS: tuple[str, ...] = ("shapes", "spoken", "digits")
 SIZES: tuple[str, ...] = ("default", "tiny")
-FORMAT_VERSION = 2
-"""Bumped whenever generated content changes, so stale caches are not reused."""
+FORMAT_VERSIONS: dict[str, int] = {"shapes": 3, "spoken": 2, "digits": 2}
+"""Per set, bumped whenever its generated content changes, so stale caches are not reused
+(shapes v3: four captions per scene)."""
 CACHE_ENV = "MULTIMODAL_CACHE"
 MAX_PER_SHARD = 1000
 MIN_SHARDS = 4  # per split: the loader splits shards across ranks x workers
@@ -133,6 +136,10 @@ LIGHT_BACKGROUND = (195, 245)
 GAP = 1.5  # min pixels between bounding boxes
 RELATION_RATIO = 1.5  # the dominant axis of an offset must be this much longer than the other
 RELATIONS = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
+INVERSE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+# the other words of the paraphrases (same meaning)
+RELATION_SYNONYMS = {"left": "left of", "right": "right of", "above": "over", "below": "under"}
+SIZE_SYNONYMS = {"small": "little", "large": "big"}
 
 _grid = (np.arange(IMAGE_SIZE * SUPERSAMPLE, dtype=np.float32) + 0.5) / SUPERSAMPLE
 _GY, _GX = np.meshgrid(_grid, _grid, indexing="ij")
@@ -170,8 +177,47 @@ def _relation(anchor: dict[str, Any], other: dict[str, Any]) -> str | None:
     return None
 
 
-def _phrase(obj: dict[str, Any]) -> str:
-    return f"a {obj['size']} {obj['colour']} {obj['shape']}"
+def _phrase(obj: dict[str, Any], synonyms: bool = False) -> str:
+    size = SIZE_SYNONYMS[obj["size"]] if synonyms else obj["size"]
+    return f"a {size} {obj['colour']} {obj['shape']}"
+
+
+def _captions(objects: list[dict[str, Any]]) -> list[str]:
+    """Four true descriptions of a scene whose first object is the largest (the anchor).
+
+    1. the canonical caption: ``a large red circle to the left of a small blue square and above ...``
+       (every relation says where the anchor is);
+    2. the same with other words (big/little, left of / right of / over / under);
+    3. the objects in another order: the second object first, its relation to the anchor inverted
+       (``a small blue square to the right of a large red circle``), and a third object, if any, in a
+       relative clause (``..., which is above a small green cross``); one object: ``there is ...``;
+    4. one object: ``there is`` with other words; three: the anchor's relations in the other order,
+       other words; two: (3) with other words.
+    """
+    anchor, others = objects[0], objects[1:]
+
+    def rel(obj: dict[str, Any], other: dict[str, Any], synonyms: bool) -> str:
+        name = _relation(obj, other)
+        return (RELATION_SYNONYMS if synonyms else RELATIONS)[name]
+
+    def canonical(order: list[dict[str, Any]], syn: bool) -> str:
+        text = _phrase(anchor, syn)
+        if order:
+            text += " " + " and ".join(f"{rel(anchor, o, syn)} {_phrase(o, syn)}" for o in order)
+        return text
+
+    def inverted(syn: bool) -> str:
+        first = others[0]
+        text = f"{_phrase(first, syn)} {rel(first, anchor, syn)} {_phrase(anchor, syn)}"
+        if len(others) > 1:
+            text += f", which is {rel(anchor, others[1], syn)} {_phrase(others[1], syn)}"
+        return text
+
+    if not others:
+        return [canonical([], False), canonical([], True), f"there is {_phrase(anchor)}",
+                f"there is {_phrase(anchor, True)}"]
+    fourth = canonical(others[::-1], True) if len(others) > 1 else inverted(True)
+    return [canonical(others, False), canonical(others, True), inverted(False), fourth]
 
 
 def _place(rng: np.random.Generator, n: int) -> list[dict[str, Any]] | None:
@@ -191,7 +237,7 @@ def _place(rng: np.random.Generator, n: int) -> list[dict[str, Any]] | None:
     return objects
 
 
-def _shapes_scene(rng: np.random.Generator) -> tuple[Image.Image, str, int, dict[str, Any]]:
+def _shapes_scene(rng: np.random.Generator) -> tuple[Image.Image, list[str], int, dict[str, Any]]:
     n = int(rng.integers(1, 4))
     objects = None
     while objects is None:
@@ -217,12 +263,8 @@ def _shapes_scene(rng: np.random.Generator) -> tuple[Image.Image, str, int, dict
         canvas[_shape_mask(obj["shape"], obj["x"], obj["y"], obj["r"])] = rgb
     image = Image.fromarray(canvas, mode="RGB").reduce(SUPERSAMPLE)  # box filter: antialiasing
 
-    anchor, others = objects[0], objects[1:]
-    caption = _phrase(anchor)
-    if others:
-        caption += " " + " and ".join(f"{RELATIONS[_relation(anchor, o)]} {_phrase(o)}" for o in others)
     meta = {"objects": objects, "background": "dark" if dark else "light"}
-    return image, caption, SHAPES.index(anchor["shape"]), meta
+    return image, _captions(objects), SHAPES.index(objects[0]["shape"]), meta
 
 
 def _generate_shapes(out: Path, seed: int, size: str) -> dict[str, Any]:
@@ -232,11 +274,12 @@ def _generate_shapes(out: Path, seed: int, size: str) -> dict[str, Any]:
 
         def samples(rng: np.random.Generator = rng, split: str = split, count: int = count) -> Iterator[dict]:
             for i in range(count):
-                image, caption, label, meta = _shapes_scene(rng)
+                image, captions, label, meta = _shapes_scene(rng)
                 yield {
                     "__key__": f"shapes-{split}-{i:06d}",
                     "png": encode_png(image),
-                    "txt": caption,
+                    "txt": captions[0],
+                    "captions.json": json.dumps(captions),
                     "cls": str(label),
                     "json": _meta(meta),
                 }
@@ -440,7 +483,7 @@ GENERATORS: dict[str, Callable[[Path, int, str], dict[str, Any]]] = {
 
 def _source(name: str, seed: int, size: str) -> str:
     return (
-        f"demo:{name} (generated by datamodules/demo.py, seed {seed}, size {size}, format v{FORMAT_VERSION})"
+        f"demo:{name} (generated by datamodules/demo.py, seed {seed}, size {size}, format v{FORMAT_VERSIONS[name]})"
     )
 
 
@@ -481,14 +524,14 @@ def demo_root(
 ) -> Path:
     """The folder of demo set ``name`` (``info.json`` + shards), generated on first use.
 
-    The folder is ``{cache_dir}/{name}-v{FORMAT_VERSION}-s{seed}-{size}``; ``cache_dir`` defaults to
+    The folder is ``{cache_dir}/{name}-v{FORMAT_VERSIONS[name]}-s{seed}-{size}``; ``cache_dir`` defaults to
     :func:`default_cache_dir`. ``size`` is ``"default"`` or ``"tiny"`` (a few dozen samples per
     split, for tests). Generation goes into a temporary sibling folder renamed when complete;
     concurrent callers are serialised with an ``fcntl`` lock so the set is generated once.
     """
     _check_args(name, seed, size)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    final = cache / f"{name}-v{FORMAT_VERSION}-s{int(seed)}-{size}"
+    final = cache / f"{name}-v{FORMAT_VERSIONS[name]}-s{int(seed)}-{size}"
     if _is_complete(final):
         return final
     cache.mkdir(parents=True, exist_ok=True)

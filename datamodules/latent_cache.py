@@ -9,8 +9,9 @@ What is stored, per sample of the training split (the batch format, with codes i
 
 * ``<modality>_codes`` int16 [N] (images: the token grid, row-major; audio: ``<modality>_code_lengths``
   tokens of the full clip), read back as long [B, N] (audio right-padded with 0);
-* ``label``, ``text`` (raw strings: text is tokenized per batch, as from shards, so truncation is still
-  counted), ``__key__``;
+* ``label``, ``text`` (raw strings, every caption of a sample: text is tokenized per batch, as from
+  shards, so truncation is still counted; a multi-caption sample draws one per step, seeded by the
+  pass like the audio crops), ``__key__``;
 * the raw ``image`` (uint8, exact) or ``audio`` (16-bit PCM) only when a head reads it too (the
   generation head's judge), requested with ``keep_raw``.
 
@@ -60,7 +61,7 @@ from .stream import COUNTS_KEY, ShardStream, tokenize_text
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: every caption of a sample is kept (``texts`` holds lists)
 """Bumped whenever what is stored changes (part of the fingerprint)."""
 
 RAGGED = ("audio_codes", "audio")
@@ -100,10 +101,11 @@ class LatentCache:
     """The cached training split in memory: ``keys`` and per-field arrays (see the module docstring).
 
     ``fields``: ``{name: Tensor [n, ...]}`` for fixed-size fields, ``{name: (flat [total], offsets
-    [n + 1])}`` for variable-length ones (audio codes, raw audio); ``texts`` list[str] or None.
+    [n + 1])}`` for variable-length ones (audio codes, raw audio); ``texts`` (every caption of each
+    sample) list[list[str]] or None.
     """
 
-    def __init__(self, keys: list[str], fields: dict[str, Any], texts: list[str] | None,
+    def __init__(self, keys: list[str], fields: dict[str, Any], texts: list[list[str]] | None,
                  counts: dict[str, int] | None = None) -> None:
         self.keys, self.fields, self.texts, self.counts = keys, fields, texts, dict(counts or {})
 
@@ -115,7 +117,7 @@ class LatentCache:
     def encode_split(cls, stream: ShardStream, encode: Encoder, keep_raw: tuple[str, ...]) -> LatentCache:
         """Read an evaluation-mode stream (every sample of its shards once), encode every batch."""
         keys: list[str] = []
-        texts: list[str] = []
+        texts: list[list[str]] = []
         columns: dict[str, list[Tensor]] = {}
         counts: Counter[str] = Counter()
         for batch in stream:
@@ -130,7 +132,7 @@ class LatentCache:
             if "label" in batch:
                 columns.setdefault("label", []).extend(batch["label"].cpu())
             if "text" in batch:
-                texts.extend(batch["text"])
+                texts.extend(batch["references"])
             if "image" in keep_raw:  # [-1, 1] floats of uint8 pixels -> the uint8 again (exact)
                 pixels = ((batch["image"].cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
                 columns.setdefault("image", []).extend(pixels)
@@ -177,7 +179,8 @@ class LatentCache:
             else:
                 out[name] = value[i]
         if self.texts is not None:
-            out["text"] = self.texts[i]
+            out["references"] = list(self.texts[i])
+            out["text"] = out["references"][0]
         return out
 
 
@@ -289,6 +292,8 @@ class CachedStream(IterableDataset):
         made = 0
         for i in self._indices(epoch, worker, num_workers, n_batches):
             sample = self._crop(self.cache.sample(i), rng)
+            if len(sample.get("references", ())) > 1:  # as the shard decoder draws in training
+                sample["text"] = rng.choice(sample["references"])
             tokenize_text(sample, self.tokenizer, counts)
             buffer.append(sample)
             if len(buffer) < self.batch_size:

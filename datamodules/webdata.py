@@ -18,7 +18,7 @@ from typing import Any
 
 import lightning as L
 
-from .decode import MODALITIES, SampleDecoder
+from .decode import CAPTIONS_MEMBER, MODALITIES, BadSample, SampleDecoder, read_captions
 from .latent_cache import FORMAT as LATENT_FORMAT
 from .latent_cache import CachedStream, Encoder, LatentCache, load_or_build, shard_identity
 from .latent_cache import default_root as default_latent_root
@@ -169,10 +169,15 @@ class WebDataModule(L.LightningDataModule):
         return [str(self.data_dir / s) for s in entry["shards"]]
 
     def split_texts(self, split: str = "train") -> list[str]:
-        """The non-empty texts (``txt`` members) of a split, in shard order; nothing else is decoded.
-        Used to train the sentencepiece model and by heads that need text statistics (e.g. the
-        captioning head's most-frequent-caption baseline)."""
-        return [t.strip() for t in _read_texts(self.split_urls(split)) if t.strip()]
+        """Every caption (``txt``, or each of ``captions.json``) of a split, in shard order; nothing else
+        is decoded. Trains the sentencepiece model."""
+        return [c for refs in self.split_references(split) for c in refs]
+
+    def split_references(self, split: str = "train") -> list[list[str]]:
+        """The captions of each sample of a split that has any, in shard order (samples whose text is
+        unusable are left out, as the decoder skips them). Used by heads that need text statistics
+        (the captioning head's best-constant-caption baseline)."""
+        return list(_read_references(self.split_urls(split)))
 
     @property
     def tokenizer_file(self) -> Path | None:
@@ -321,13 +326,18 @@ class WebDataModule(L.LightningDataModule):
         return self._loader(self.cfg.predict_split, train=False)
 
 
-def _read_texts(urls: list[str]) -> Iterator[str]:
-    """The ``txt`` members of shards, without decoding anything else (unreadable shards are skipped)."""
+def _read_references(urls: list[str]) -> Iterator[list[str]]:
+    """The captions of each sample of shards, without decoding anything else (unreadable shards and
+    unusable captions are skipped, with a warning)."""
 
     def on_skip(reason: str, detail: str) -> None:
-        log.warning("tokenizer training: skipping shard data (%s): %s", reason, detail)
+        log.warning("reading captions: skipping shard data (%s): %s", reason, detail)
 
     for url in urls:
         for sample in read_shard(url, on_skip):
-            if "txt" in sample:
-                yield sample["txt"].decode("utf-8", errors="replace")
+            if "txt" not in sample and CAPTIONS_MEMBER not in sample:
+                continue
+            try:
+                yield read_captions(sample)
+            except BadSample as bad:
+                log.warning("reading captions: skipping sample %r of %s: %s", sample["__key__"], url, bad)

@@ -32,6 +32,16 @@ IMAGE_PRESETS: dict[str, dict] = {
 }
 DOWNSAMPLE_FACTORS = (4, 8)
 
+IMAGE_SIZES: dict[int, dict[str, int]] = {
+    # image side -> down-sampling f and the DiT patch size p; tokens = (side / f / p)^2
+    32: dict(downsample=4, patch_size=2),   # 8 x 8 grid -> 16 DiT tokens: the CPU recipes
+    64: dict(downsample=4, patch_size=2),   # 16 x 16 grid -> 64 DiT tokens: still a CPU size
+    128: dict(downsample=8, patch_size=2),  # 16 x 16 grid -> 64 DiT tokens (f = 8: LDM's f8 setting)
+    256: dict(downsample=8, patch_size=2),  # 32 x 32 grid -> 256 DiT tokens: DiT-*/2 at 256 px, a GPU size
+}
+"""The sizes the recipes are written for (``configs/image_size/<side>.yaml`` sets them); any side
+divisible by f works."""
+
 
 class ImageCodec(nn.Module):
     """ResNet image encoder/decoder speaking token sequences.

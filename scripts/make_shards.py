@@ -12,6 +12,11 @@ Three kinds of input:
                     subset with path or text). Paths are relative to FILE's folder; the file
                     extension decides image or audio. Labels are integers or class names (names
                     are numbered in sorted order). A split column replaces the ratio split.
+                    Several captions per image (COCO/Flickr style): rows that share a path are
+                    one sample holding every caption of them, in row order (in JSONL, a text
+                    may also be a list of strings); such a sample stores them as a JSON list in
+                    its ``captions.json`` member and the first in ``txt``. The rows of one path
+                    must agree on split and label (refused, naming the path, otherwise).
 
 Bad input is skipped, counted per reason, listed in info.json ("skipped", "bad_samples") and
 never fatal. The same input and --seed give byte-identical shards.
@@ -37,6 +42,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from datamodules.decode import CAPTIONS_MEMBER
 from datamodules.shards import (
     AUDIO_EXTS,
     AUDIO_READ_EXTS,
@@ -73,7 +79,7 @@ examples:
 reasons counted under "skipped" in info.json:
   corrupt_image, truncated_audio, empty_audio, undecodable_audio, non_finite_audio,
   unreadable_file, unsupported_type, no_class_folder, missing_file, missing_path, empty_text,
-  missing_label, bad_label, unknown_split, bad_row
+  missing_label, bad_label, unknown_split, bad_row, bad_captions
 """
 
 # Image formats stored as they are (PIL format name -> shard extension); the rest become PNG.
@@ -112,7 +118,7 @@ class Item:
     where: str  # how to name it in messages: relative path or "row N"
     path: Path | None = None
     kind: str | None = None  # "image" | "audio" | None (text only)
-    text: str | None = None
+    texts: list[str] | None = None  # every caption (one per row of the same path)
     label: int | None = None
     split: str | None = None  # from a split column; None -> ratio split
 
@@ -369,9 +375,7 @@ def list_manifest(manifest: Path, report: Report) -> tuple[list[Item], list[str]
         try:
             item = Item(index=number, where=where)
             if has["text"]:
-                if text is None:
-                    raise BadSample("empty_text")
-                item.text = str(text)
+                item.texts = _captions(text)
             if has["path"]:
                 if rel is None:
                     raise BadSample("missing_path")
@@ -401,7 +405,43 @@ def list_manifest(manifest: Path, report: Report) -> tuple[list[Item], list[str]
             report.add(where, bad.reason, bad.detail)
             continue
         items.append(item)
-    return items, classes
+    return group_captions(items) if has["path"] and has["text"] else items, classes
+
+
+def _captions(value: Any) -> list[str]:
+    """The captions of a manifest cell: a string, or (JSONL) a list of strings; raises BadSample."""
+    if isinstance(value, list):
+        if not all(isinstance(c, str) for c in value):
+            kinds = ", ".join(sorted({type(c).__name__ for c in value}))
+            raise BadSample("bad_captions", f"a caption list must hold only strings, got {kinds}")
+        captions = [c.strip() for c in value if c.strip()]
+    elif value is None or isinstance(value, (dict, bool)):
+        captions = []
+    else:
+        captions = [str(value)]
+    if not captions:
+        raise BadSample("empty_text")
+    return captions
+
+
+def group_captions(items: list[Item]) -> list[Item]:
+    """One item per path, holding the captions of all its rows in row order (duplicates kept once);
+    its index (hence its key) is its first row's. Rows of one path that disagree on the split or the
+    label are refused (UsageError naming the path)."""
+    by_path: dict[Path, Item] = {}
+    for item in items:
+        first = by_path.get(item.path)
+        if first is None:
+            by_path[item.path] = item
+            continue
+        for what in ("split", "label"):
+            if getattr(first, what) != getattr(item, what):
+                raise UsageError(
+                    f"manifest: {item.where} has captions with {what} {getattr(first, what)!r} (row {first.index}) "
+                    f"and {getattr(item, what)!r} (row {item.index}); one image or clip must have one {what}"
+                )
+        first.texts.extend(t for t in item.texts if t not in first.texts)
+    return list(by_path.values())
 
 
 # ---------------------------------------------------------------------------------------- splitting
@@ -469,8 +509,10 @@ def build_sample(item: Item, args: argparse.Namespace) -> dict[str, Any]:
                 raise BadSample(exc.reason, exc.detail) from exc
             ext, payload = args.audio_format, encode_wav(wave, args.sample_rate, args.audio_format)
         sample[ext] = payload
-    if item.text is not None:
-        sample["txt"] = item.text
+    if item.texts:
+        sample["txt"] = item.texts[0]
+        if len(item.texts) > 1:
+            sample[CAPTIONS_MEMBER] = json.dumps(item.texts, ensure_ascii=False)
     if item.label is not None:
         sample["cls"] = str(item.label)
     sample["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False)
@@ -509,6 +551,7 @@ def make_shards(args: argparse.Namespace) -> dict[str, Any]:
     ordered = assign_splits(items, args.val_ratio, args.test_ratio, args.seed, shuffle=not args.no_shuffle)
 
     modality_counts: Counter = Counter()
+    caption_counts: Counter = Counter()  # samples by their number of captions
     with contextlib.ExitStack() as stack:
         sinks = {
             s: stack.enter_context(ShardSink(args.out, s, args.max_count, args.max_size)) for s in SPLITS
@@ -524,6 +567,8 @@ def make_shards(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             sinks[item.split].write(sample)
             modality_counts.update(m for m, exts in _MODALITY_EXTS.items() if not exts.isdisjoint(sample))
+            if item.texts:
+                caption_counts[len(item.texts)] += 1
     modalities = set(modality_counts)
     splits = {s: {"count": sinks[s].count, "shards": list(sinks[s].shards)} for s in SPLITS}
     if not args.quiet and report.total > _SHOWN_WARNINGS:
@@ -538,6 +583,7 @@ def make_shards(args: argparse.Namespace) -> dict[str, Any]:
         skipped=dict(sorted(report.skipped.items())),
         bad_samples=report.bad_samples,
         modality_counts=dict(sorted(modality_counts.items())),
+        captions_per_sample={str(k): v for k, v in sorted(caption_counts.items())},
         num_classes=len(classes) if "label" in modalities else 0,
         options={
             "val_ratio": args.val_ratio, "test_ratio": args.test_ratio, "seed": args.seed,
@@ -557,6 +603,9 @@ def summary(info: dict[str, Any], out: Path) -> str:
         lines.append(f"  {split:<5} {entry['count']:>8} samples in {len(entry['shards'])} shard(s)")
     if info["classes"]:
         lines.append(f"  classes: {len(info['classes'])}")
+    several = {int(k): v for k, v in info.get("captions_per_sample", {}).items() if int(k) > 1}
+    if several:
+        lines.append(f"  {sum(several.values())} samples with several captions (up to {max(several)})")
     skipped = info["skipped"]
     reasons = ", ".join(f"{reason}={count}" for reason, count in skipped.items())
     lines.append(f"  skipped {sum(skipped.values())}" + (f": {reasons}" if reasons else ""))

@@ -15,10 +15,8 @@ images. Sentences are lower-cased, punctuation is replaced by spaces, and words 
 whitespace. With a single image every weight is log(1) - log(1) = 0 and the score is 0: CIDEr-D
 is a corpus-level measure.
 
-Distributed: torchmetrics can only all-gather tensors, so the strings are list states that are
-never synced per step (``dist_sync_on_step=False``); ``_sync_dist`` (which torchmetrics calls
-from ``compute`` when a process group is initialised, and undoes after it) gathers them from every
-rank with ``torch.distributed.all_gather_object``.
+Distributed: the strings are gathered from every rank at ``compute``
+(:class:`tasks.text_metrics.StringMetric`).
 """
 
 from __future__ import annotations
@@ -26,12 +24,13 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
+
+from tasks.text_metrics import StringMetric
 
 MAX_N = 4
 SIGMA = 6.0
@@ -91,45 +90,17 @@ def cider_d(preds: Sequence[str], target: Sequence[Sequence[str]], sigma: float 
     return sum(scores) / len(scores), scores
 
 
-class CIDErD(Metric):
+class CIDErD(StringMetric):
     """CIDEr-D over everything passed to ``update`` (see the module docstring).
 
     ``update(preds: list[str], target: list[list[str]])``: one candidate and one or more references
     per image (a plain string reference is taken as a list of one). ``compute() -> tensor []``.
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __hash__(self) -> int:
-        # torchmetrics hashes list states by their items; the references are lists (unhashable)
-        return hash((self.__class__.__name__, id(self)))
-
     def __init__(self, sigma: float = SIGMA, **kwargs: Any) -> None:
-        kwargs.setdefault("dist_sync_on_step", False)
-        if kwargs["dist_sync_on_step"]:
-            raise ValueError("CIDErD keeps strings, which cannot be synced per step: dist_sync_on_step must be False")
         super().__init__(**kwargs)
         self.sigma = sigma
-        self.add_state("preds", default=[], dist_reduce_fx=None)
-        self.add_state("target", default=[], dist_reduce_fx=None)
-
-    def update(self, preds: Sequence[str], target: Sequence[Sequence[str] | str]) -> None:
-        if len(preds) != len(target):
-            raise ValueError(f"CIDErD.update: {len(preds)} candidates but {len(target)} reference lists")
-        self.preds.extend(str(p) for p in preds)
-        self.target.extend([t] if isinstance(t, str) else [str(r) for r in t] for t in target)
 
     def compute(self) -> Tensor:
         score, _ = cider_d(self.preds, self.target, self.sigma)
         return torch.tensor(score, dtype=torch.float32, device=self.device)
-
-    def _sync_dist(self, dist_sync_fn: Callable | None = None, process_group: Any | None = None) -> None:
-        """Gather the strings of every rank (torchmetrics' tensor gathering cannot carry them)."""
-        group = process_group or self.process_group
-        world = torch.distributed.get_world_size(group)
-        for attr in ("preds", "target"):
-            gathered: list[Any] = [None] * world
-            torch.distributed.all_gather_object(gathered, list(getattr(self, attr)), group=group)
-            setattr(self, attr, [item for part in gathered for item in part])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,10 @@ def build_shards(
     num_classes: int = 3,
     seed: int = 0,
     bad: dict[str, list[int]] | None = None,
+    captions: int = 1,
 ) -> Path:
-    """Shards with png (16x16 RGB), wav (0.1-0.5 s), txt and cls per sample.
+    """Shards with png (16x16 RGB), wav (0.1-0.5 s), txt and cls per sample; with ``captions`` > 1
+    every sample also holds that many captions in ``captions.json`` (the first is its ``txt``).
 
     ``bad`` maps a kind (``image``, ``audio``, ``text``, ``label``) to train indices to corrupt.
     """
@@ -43,6 +46,9 @@ def build_shards(
                     "txt": text,
                     "cls": str(label),
                 }
+                if captions > 1:
+                    more = [" ".join(rng.choice(WORDS, size=int(rng.integers(2, 7)))) for _ in range(captions - 1)]
+                    sample["captions.json"] = json.dumps([text, *more])
                 if split == "train":
                     if i in bad.get("image", []):
                         sample["png"] = b"\x89PNG not really"

@@ -22,6 +22,7 @@ from tasks import MultiTaskModule
 from tasks.cider import CIDErD, cider_d, tokenize
 from tasks.heads.captioning import CaptioningHead
 from tasks.text_decoder import TextDecoder
+from tests.conftest import build_shards
 from tests.tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,6 +218,56 @@ def test_cider_d_metric_accumulates_resets_and_gathers_strings(monkeypatch: pyte
     assert float(metric.compute()) == pytest.approx(5.0)
 
 
+# ---------------------------------------------------------------------------------- text metrics
+def test_chrf_matches_torchmetrics_with_several_references() -> None:
+    from torchmetrics.text import CHRFScore
+
+    from tasks.text_metrics import ChrF
+
+    preds = ["a red circle left of a blue square", "the green cross", "a big square"]
+    target = [["a red circle to the left of a blue square", "a blue square right of a red circle"],
+              ["a green cross"], ["a large square", "one big square", "a square that is big"]]
+    ours, theirs = ChrF(), CHRFScore()
+    ours.update(preds[:2], target[:2])
+    ours.update(preds[2:], target[2:])  # updates accumulate over a corpus
+    theirs.update(preds, target)
+    assert float(ours.compute()) == pytest.approx(float(theirs.compute()), abs=1e-4)
+    assert 0.0 < float(ours.compute()) < 1.0
+
+
+def test_best_constant_caption_is_chosen_by_the_metric_against_all_references() -> None:
+    from tasks.caption_baseline import best_constant_captions, candidate_pool
+    from tasks.heads.captioning import METRICS, _corpus_score
+
+    # most images show "a small red circle" in captions that are all different; the most frequent
+    # caption ("a photo", repeated by six images) describes a sixth of them: frequency alone would pick it
+    refs = [[f"a small red circle number {i}", f"one small red circle, picture {i}"] for i in range(30)]
+    refs += [["a photo", "a photo", "a photo"]] * 6
+    pool = candidate_pool(refs, refs)
+    assert pool[0] == "a photo" and len(pool) == len(set(pool))
+    best = best_constant_captions(refs, {name: _corpus_score(name) for name in METRICS})  # scored on all 36
+    assert set(best) == set(METRICS)
+    for name, (caption, score) in best.items():
+        # (CIDEr-D's IDF weights the words most images share least: it may prefer the rare exact match)
+        assert "red circle" in caption or name == "cider_d", (name, caption)
+        assert score >= _corpus_score(name)(["a photo"] * len(refs), refs)
+    assert best_constant_captions([], {"bleu4": _corpus_score("bleu4")}) == {}
+    # on a seeded sample of the references: deterministic (same data, same seed, same answer)
+    scorers = {name: _corpus_score(name) for name in METRICS}
+    assert best_constant_captions(refs, scorers, max_samples=20) == best_constant_captions(refs, scorers, max_samples=20)
+
+
+def test_head_scores_against_all_references_or_the_first() -> None:
+    batch = {"text": ["a red circle", "x"], "references": [["a red circle", "a circle in red", " "], ["x"]]}
+    assert CaptioningHead(trunk_hidden=16, width=16, depth=1, num_heads=2)._references(batch) == [
+        ["a red circle", "a circle in red"], ["x"]]
+    first = CaptioningHead(trunk_hidden=16, width=16, depth=1, num_heads=2, references="first")
+    assert first._references(batch) == [["a red circle"], ["x"]]
+    assert first._references({"text": ["only text"]}) == [["only text"]]  # a batch without references
+    with pytest.raises(ValueError, match="references"):
+        CaptioningHead(references="some")
+
+
 # ---------------------------------------------------------------------------------- the head
 def _tiny_caption_config(shard_dir: Path, tokenizer_dir: Path, run_dir: Path) -> dict:
     """configs/caption_shapes.yaml on the test shards and the tiny stage-1 run, with a tiny decoder."""
@@ -229,9 +280,10 @@ def _tiny_caption_config(shard_dir: Path, tokenizer_dir: Path, run_dir: Path) ->
     return cfg
 
 
-def test_caption_config_fits_tests_and_predicts(shard_dir: Path, tokenizer_run: Path, tmp_path: Path) -> None:
+def test_caption_config_fits_tests_and_predicts(tokenizer_run: Path, tmp_path: Path) -> None:
     path = tmp_path / "caption.yaml"
     run = tmp_path / "run"
+    shard_dir = build_shards(tmp_path / "shards", captions=3)  # three references per image
     path.write_text(yaml.safe_dump(_tiny_caption_config(shard_dir, tokenizer_run, run)))
     main(["fit", "--config", str(path)])
     ckpt = next(run.rglob("last.ckpt"))
@@ -245,6 +297,7 @@ def test_caption_config_fits_tests_and_predicts(shard_dir: Path, tokenizer_run: 
     records = [json.loads(line) for line in next(run.rglob("predictions/shapes.jsonl")).read_text().splitlines()]
     assert len(records) == 8  # the whole test split
     assert all(isinstance(r["caption"], str) and r["reference"] and r["__key__"].startswith("test") for r in records)
+    assert all(len(r["references"]) == 3 and r["references"][0] == r["reference"] for r in records)
     # the validation wrote a captions table (and the images) to TensorBoard
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -19,12 +19,12 @@ import soundfile as sf
 from PIL import Image
 
 from datamodules import demo
-from datamodules.demo import DEMO_SETS, FORMAT_VERSION, default_cache_dir, demo_root
+from datamodules.demo import DEMO_SETS, FORMAT_VERSIONS, default_cache_dir, demo_root
 from datamodules.shards import read_info
 
 REPO = Path(__file__).resolve().parents[1]
 MEMBERS = {
-    "shapes": {"png", "txt", "cls", "json"},
+    "shapes": {"png", "txt", "captions.json", "cls", "json"},
     "spoken": {"wav", "txt", "cls", "json"},
     "digits": {"png", "txt", "cls", "json"},
 }
@@ -71,7 +71,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
 @pytest.mark.parametrize("name", DEMO_SETS)
 def test_tiny_set_is_complete_and_consistent(tiny, name: str) -> None:
     root = tiny(name)
-    assert root.name == f"{name}-v{FORMAT_VERSION}-s0-tiny"
+    assert root.name == f"{name}-v{FORMAT_VERSIONS[name]}-s0-tiny"
     info = read_info(root)
     assert info["classes"], "classes must not be empty"
     assert f"demo:{name}" in info["source"] and "seed 0" in info["source"]
@@ -114,6 +114,15 @@ def test_shapes_captions_and_images(tiny) -> None:
             assert meta["objects"][0]["shape"] == shape
             assert all(radii[0] > r for r in radii[1:]), "the labelled object must be strictly the largest"
             assert caption.count(" a ") == len(radii) - 1
+            # four true paraphrases: the same objects (shape and colour), named in another order or words
+            captions = json.loads(sample["captions.json"])
+            assert captions[0] == caption and len(set(captions)) == 4
+            objects = sorted((o["colour"], o["shape"]) for o in meta["objects"])
+            for other in captions:
+                words = other.replace(",", "").split()
+                named = sorted((words[i - 1], w) for i, w in enumerate(words) if w in demo.SHAPES)
+                assert named == objects, (other, objects)
+                assert words.count("large") + words.count("big") == (meta["objects"][0]["size"] == "large") * 1
             pixels = np.asarray(image)
             assert pixels.std() > 5, "the scene must not be blank"
 
@@ -169,7 +178,7 @@ def test_same_seed_same_bytes_other_seed_differs(tiny, tmp_path: Path, name: str
     again = demo_root(name, tmp_path / "again", seed=0, size="tiny")
     assert shard_bytes(again) == shard_bytes(first)
     other = demo_root(name, tmp_path / "other", seed=1, size="tiny")
-    assert other.name == f"{name}-v{FORMAT_VERSION}-s1-tiny"
+    assert other.name == f"{name}-v{FORMAT_VERSIONS[name]}-s1-tiny"
     a, b = shard_bytes(first), shard_bytes(other)
     assert a.keys() == b.keys()
     assert a["train-000000.tar"] != b["train-000000.tar"]
@@ -225,7 +234,7 @@ def test_crash_leaves_no_half_set(monkeypatch, tmp_path: Path) -> None:
         demo_root("digits", tmp_path, size="tiny")
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
     # a stale temporary folder from a killed process is cleaned up by the next generation
-    stale = tmp_path / f".digits-v{FORMAT_VERSION}-s0-tiny.tmp-killed"
+    stale = tmp_path / f".digits-v{FORMAT_VERSIONS['digits']}-s0-tiny.tmp-killed"
     stale.mkdir()
     monkeypatch.undo()
     root = demo_root("digits", tmp_path, size="tiny")

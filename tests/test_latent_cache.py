@@ -106,7 +106,8 @@ def _audio_cache(n: int = 10) -> LatentCache:
     from datamodules.latent_cache import _ragged
 
     return LatentCache([f"k{i}" for i in range(n)], {"audio_codes": _ragged(codes), "audio": _ragged(waves),
-                                                     "label": torch.arange(n)}, [f"text {i}" for i in range(n)],
+                                                     "label": torch.arange(n)},
+                       [[f"text {i}"] if i % 2 else [f"text {i}", f"other {i}"] for i in range(n)],
                        counts={"skipped/corrupt_image": 2})
 
 
@@ -127,8 +128,15 @@ def test_cached_stream_resumes_exactly_and_crops_in_token_space() -> None:
     resumed.load_state_dict(state)
     rest = [b for _, b in zip(range(4), _cycle(resumed))]
     for a, b in zip(full[3:], rest):
-        assert a["__key__"] == b["__key__"]
+        assert a["__key__"] == b["__key__"] and a["text"] == b["text"]  # the same captions drawn
         assert torch.equal(a["audio_codes"], b["audio_codes"])
+    # a sample with two captions draws one per step, and carries both as its references
+    drawn = [t.split()[0] for batch in full for key, t in zip(batch["__key__"], batch["text"]) if int(key[1:]) % 2 == 0]
+    assert {"text", "other"} == set(drawn), drawn
+    for batch in full:
+        for key, text, refs in zip(batch["__key__"], batch["text"], batch["references"]):
+            i = int(key[1:])
+            assert refs == ([f"text {i}"] if i % 2 else [f"text {i}", f"other {i}"]) and text in refs
     for batch in full:
         assert batch["audio_codes"].shape[1] <= 4 and int(batch["audio_code_lengths"].max()) <= 4
         for wave, n, codes_len in zip(batch["audio"], batch["audio_lengths"], batch["audio_code_lengths"]):

@@ -252,7 +252,7 @@ ROWS = [  # path, text, label, split; the comment says what happens
     ("media/red.png", "a red square", "cat", "train"),  # kept, train
     ("media/blue.jpg", "a blue square", "dog", "val"),  # kept, val
     ("media/clip.wav", "hello world", "dog", "test"),  # kept, test (audio)
-    ("media/blue.jpg", "  another blue  ", "bird", "validation"),  # kept, val (alias)
+    ("media/navy.jpg", "  another blue  ", "bird", "validation"),  # kept, val (alias)
     ("media/broken.png", "broken", "cat", "train"),  # corrupt_image
     ("media/cut.wav", "cut short", "cat", "train"),  # truncated_audio
     ("media/red.png", "   ", "cat", "train"),  # empty_text
@@ -267,6 +267,7 @@ def media(tmp_path: Path) -> Path:
     root = tmp_path / "data"
     save_image(root / "media" / "red.png", 200)
     save_image(root / "media" / "blue.jpg", 20, "JPEG")
+    save_image(root / "media" / "navy.jpg", 30, "JPEG")
     save_corrupt_image(root / "media" / "broken.png")
     save_audio(root / "media" / "clip.wav", tone(8000, 0.5), 8000)
     save_truncated_wav(root / "media" / "cut.wav")
@@ -320,6 +321,67 @@ def test_manifest_round_trip(media: Path, tmp_path: Path, suffix: str) -> None:
     assert set(clip) == {"wav", "txt", "cls", "json"} and clip["txt"] == b"hello world"
     wave, rate = sf.read(io.BytesIO(clip["wav"]))
     assert rate == 16000 and abs(len(wave) - 8000) <= 2
+
+
+def test_manifest_groups_captions_of_a_path(media: Path, tmp_path: Path) -> None:
+    rows = [
+        {"path": "media/red.png", "text": "a red square", "split": "train"},
+        {"path": "media/blue.jpg", "text": "a blue square", "split": "val"},
+        {"path": "media/red.png", "text": "a square in red", "split": "train"},
+        {"path": "media/red.png", "text": "a red square", "split": "train"},  # the same caption again: kept once
+        {"path": "media/red.png", "text": "  ", "split": "train"},  # empty_text (the other rows stay)
+        {"path": "media/navy.jpg", "text": ["a navy square", 7], "split": "train"},  # bad_captions
+        {"path": "media/clip.wav", "text": [], "split": "train"},  # empty_text: no caption at all
+        {"path": "media/blue.jpg", "text": ["blue, square", " a square of blue "], "split": "val"},  # a list
+    ]
+    manifest = write_manifest(media / "captions.jsonl", rows)
+    out = tmp_path / "out"
+    assert run("manifest", manifest, out) == 0
+    info = json.loads((out / "info.json").read_text())
+    assert info["skipped"] == {"bad_captions": 1, "empty_text": 2}
+    assert info["captions_per_sample"] == {"2": 1, "3": 1}
+    assert {s: e["count"] for s, e in info["splits"].items()} == {"train": 1, "val": 1, "test": 0}
+    (red,), (blue,) = read_split(out, "train").values(), read_split(out, "val").values()
+    assert red["txt"] == b"a red square" and json.loads(red["captions.json"]) == ["a red square", "a square in red"]
+    assert json.loads(blue["captions.json"]) == ["a blue square", "blue, square", "a square of blue"]
+    assert set(red) == {"png", "txt", "captions.json", "json"}
+
+    # the decoder: evaluation takes the first caption and keeps all; training draws among them (seeded)
+    from datamodules.decode import SampleDecoder
+
+    sample = {"__key__": "k", **red}
+    evaluated = SampleDecoder(keys=("text",))(sample)
+    assert evaluated["text"] == "a red square" and evaluated["references"] == ["a red square", "a square in red"]
+    import random
+
+    draws = [SampleDecoder(keys=("text",), train=True, rng=random.Random(i))(sample)["text"] for i in range(20)]
+    assert set(draws) == {"a red square", "a square in red"}
+    again = [SampleDecoder(keys=("text",), train=True, rng=random.Random(i))(sample)["text"] for i in range(20)]
+    assert draws == again
+
+
+@pytest.mark.parametrize("what", ["split", "label"])
+def test_manifest_refuses_a_path_in_two_splits_or_labels(media: Path, tmp_path: Path, what: str, capsys) -> None:
+    rows = [{"path": "media/red.png", "text": "a red square", "split": "train", "label": "cat"},
+            {"path": "media/red.png", "text": "the red one", "split": "train", "label": "cat"}]
+    rows[1][what] = {"split": "test", "label": "dog"}[what]
+    manifest = write_manifest(media / "captions.csv", rows)
+    with pytest.raises(SystemExit) as exit_info:
+        run("manifest", manifest, tmp_path / "out")
+    assert exit_info.value.code == 2
+    assert f"manifest: media/red.png has captions with {what}" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "info.json").exists()
+
+
+def test_decoder_skips_bad_caption_lists() -> None:
+    from datamodules.decode import BadSample, SampleDecoder
+
+    decode = SampleDecoder(keys=("text",))
+    for member, reason in ((b'["a", 3]', "bad_captions"), (b'{"a": 1}', "bad_captions"), (b"[a", "bad_captions"),
+                           (b'["  ", ""]', "empty_text")):
+        with pytest.raises(BadSample) as bad:
+            decode({"__key__": "k", "txt": b"fallback", "captions.json": member})
+        assert bad.value.reason == reason, member
 
 
 def test_manifest_int_labels_text_only(tmp_path: Path) -> None:

@@ -5,18 +5,22 @@ The trunk encodes the CLEAN latents of the input (``TrunkFeatures``: t = 0, null
 sentencepiece ids (``TextVocabulary``: the data's model, saved in the checkpoint).
 
 Training: teacher-forced cross-entropy (label smoothing, pad ignored) on the caption encoded as
-``BOS ... EOS``; captions longer than ``max_length`` ids are truncated (logged as ``truncated``),
-empty captions are left out of the loss (``skipped/empty_text``).
+``BOS ... EOS`` (a sample with several captions gives the one the data module drew for this step);
+captions longer than ``max_length`` ids are truncated (logged as ``truncated``), empty captions are
+left out of the loss (``skipped/empty_text``).
 
 Evaluation: every validation/test batch is decoded (beam search, or greedy for ``beam_size=1``)
-and scored against its caption with ``bleu4`` (corpus BLEU-4), ``rouge_l`` (ROUGE-L F-measure),
-``chrf`` (chrF++) and ``cider_d`` (:class:`tasks.cider.CIDErD`, document frequencies over the
-evaluated references). The same four metrics are computed for a BASELINE that writes the most
-frequent training caption for every input (``baseline_bleu4``, ``baseline_rouge_l``, ...), so every
-report shows the gap. The baseline caption is the most frequent caption of the training split when
-the data module can list it (``data.split_texts('train')``: read once, at the first evaluation;
-the same in ``fit`` and in ``test`` from a checkpoint); otherwise the most frequent caption seen in
-training ``loss`` calls (a counter on the head, not checkpointed, per rank); with neither (e.g.
+and scored against ALL the references of each sample (``batch["references"]``; ``references:
+first`` scores against the first only, the single-reference protocol) with ``bleu4`` (corpus
+BLEU-4), ``rouge_l`` (ROUGE-L F-measure, best reference), ``chrf`` (chrF++,
+:class:`tasks.text_metrics.ChrF`) and ``cider_d`` (:class:`tasks.cider.CIDErD`, document frequencies
+over the evaluated references). The same four metrics are computed for a BASELINE that writes one
+constant caption for every input (``baseline_bleu4``, ...), so every report shows the gap: per
+metric, the best constant caption of the training set under that metric against all references
+(:mod:`tasks.caption_baseline`; searched once, at the first evaluation, from
+``data.split_references('train')``, the same in ``fit`` and in ``test`` from a checkpoint). When the
+data module cannot list its training split, the most frequent caption seen in training ``loss``
+calls serves every metric (a counter on the head, not checkpointed, per rank); with neither (e.g.
 ``test`` from URLs without training) the baseline metrics are not reported.
 """
 
@@ -29,51 +33,37 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics import Metric, MetricCollection
-from torchmetrics.functional.text.rouge import rouge_score
-from torchmetrics.text import BLEUScore, CHRFScore
+from torchmetrics import MetricCollection
+from torchmetrics.text import BLEUScore
 
 from multimodal.backbone import Backbone
+from tasks.caption_baseline import best_constant_captions
 from tasks.cider import CIDErD
 from tasks.heads.base import Head, check_modality
 from tasks.heads.features import TrunkFeatures
 from tasks.heads.vocab import PAD_ID, TextVocabulary
 from tasks.text_decoder import TextDecoder
+from tasks.text_metrics import ChrF, RougeLF
 
 METRICS = ("bleu4", "rouge_l", "chrf", "cider_d")
 MAX_DISTINCT_CAPTIONS = 100_000  # the training-caption counter stops adding new captions beyond this
 
 
-class RougeLF(Metric):
-    """ROUGE-L F-measure averaged over captions (torchmetrics' ``rouge_score`` per batch).
-
-    Sum and count are scalar states (summed over DDP ranks); torchmetrics' ``ROUGEScore`` keeps one
-    list entry per caption, and list states with different lengths per rank made its sync issue
-    different collectives on different ranks (a gloo size mismatch in the DDP test).
-    """
-
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, preds: list[str], target: list[list[str]] | list[str]) -> None:
-        if not preds:
-            return
-        score = rouge_score(preds, target, rouge_keys="rougeL")["rougeL_fmeasure"]
-        self.total += score.double() * len(preds)
-        self.count += len(preds)
-
-    def compute(self) -> Tensor:
-        return (self.total / self.count.clamp(min=1)).float()
-
-
 log = logging.getLogger(__name__)
 
 def _text_metrics() -> dict[str, Any]:
-    return {"bleu4": BLEUScore(n_gram=4), "rouge_l": RougeLF(), "chrf": CHRFScore(), "cider_d": CIDErD()}
+    return {"bleu4": BLEUScore(n_gram=4), "rouge_l": RougeLF(), "chrf": ChrF(), "cider_d": CIDErD()}
+
+
+def _corpus_score(name: str) -> Any:
+    """A scorer for the baseline search: a fresh metric ``name`` over one corpus."""
+
+    def score(preds: list[str], target: list[list[str]]) -> float:
+        metric = _text_metrics()[name]
+        metric.update(preds, target)
+        return float(metric.compute())
+
+    return score
 
 
 class CaptioningHead(Head):
@@ -89,6 +79,7 @@ class CaptioningHead(Head):
     width / depth / num_heads / dropout: the decoder's size and dropout.
     label_smoothing: of the training cross-entropy.
     beam_size: beams when decoding (1 = greedy); length_penalty: the GNMT alpha of beam search.
+    references: ``all`` (score against every caption of a sample) or ``first`` (its first only).
     num_media: examples written to TensorBoard (captions table and images) per logged validation.
     """
 
@@ -107,6 +98,7 @@ class CaptioningHead(Head):
         label_smoothing: float = 0.1,
         beam_size: int = 3,
         length_penalty: float = 0.6,
+        references: str = "all",
         num_media: int = 8,
     ) -> None:
         super().__init__()
@@ -117,6 +109,9 @@ class CaptioningHead(Head):
             raise ValueError(f"captioning head: label_smoothing must be in [0, 1), got {label_smoothing}")
         if num_media < 0:
             raise ValueError(f"captioning head: num_media must be >= 0, got {num_media}")
+        if references not in ("all", "first"):
+            raise ValueError(f"captioning head: references must be 'all' or 'first', got {references!r}")
+        self.references = references
         self.modality, self.source = modality, source
         self.trunk_hidden, self.max_length = trunk_hidden, max_length
         self.label_smoothing, self.beam_size, self.length_penalty = label_smoothing, beam_size, length_penalty
@@ -129,7 +124,7 @@ class CaptioningHead(Head):
                                    dropout=dropout, max_length=max_length)
         self.caption_counts: Counter[str] = Counter()  # captions seen in training (not checkpointed)
         self._data: Any = None
-        self._split_baseline: str | None = None
+        self._split_baselines: dict[str, str] | None = None
 
     # ------------------------------------------------------------------ checks and data
     def attach(self, backbone: Backbone, task: str) -> None:
@@ -142,18 +137,32 @@ class CaptioningHead(Head):
         self.vocab.bind(getattr(data, "tokenizer", None), task)
         self._data = data  # the baseline's training captions are read lazily, at the first evaluation
 
-    def baseline_caption(self) -> str | None:
-        """The most frequent training caption (see the module docstring), or None when unknown."""
-        if self._split_baseline is None and self._data is not None:
+    def baseline_captions(self) -> dict[str, str] | None:
+        """``{metric: constant caption}`` (see the module docstring), or None when unknown."""
+        if self._split_baselines is None and self._data is not None:
             try:
-                captions = Counter(self._data.split_texts("train"))
+                references = self._data.split_references("train")
             except Exception as err:  # no training split (e.g. URLs for test only): use the counter
                 log.info("captioning baseline: no training captions from the data (%s)", err)
-                captions = Counter()
-            self._split_baseline = captions.most_common(1)[0][0] if captions else ""
-        if self._split_baseline:
-            return self._split_baseline
-        return self.caption_counts.most_common(1)[0][0] if self.caption_counts else None
+                references = []
+            if self.references == "first":
+                references = [refs[:1] for refs in references]
+            best = best_constant_captions(references, {name: _corpus_score(name) for name in METRICS})
+            self._split_baselines = {name: caption for name, (caption, _) in best.items()}
+            for name, (caption, score) in best.items():
+                log.info("captioning baseline for %s: %r (%.4f on training references)", name, caption, score)
+        if self._split_baselines:
+            return self._split_baselines
+        if self.caption_counts:
+            caption = self.caption_counts.most_common(1)[0][0]
+            return dict.fromkeys(METRICS, caption)
+        return None
+
+    def _references(self, batch: dict[str, Any]) -> list[list[str]]:
+        """The references of each sample (all or the first, by ``references``), blanks dropped."""
+        refs = batch.get("references") or [[t] for t in batch["text"]]
+        refs = [[str(r).strip() for r in rs if str(r).strip()] for rs in refs]
+        return [r[:1] for r in refs] if self.references == "first" else refs
 
     # ------------------------------------------------------------------ training
     def _targets(self, batch: dict[str, Any], device: torch.device) -> tuple[Tensor, Tensor, int, Tensor]:
@@ -218,15 +227,15 @@ class CaptioningHead(Head):
         features = self.features(backbone, batch)  # once for the loss and the decoding
         loss, logs = self._loss(backbone, batch, features)
         preds = self.generate(backbone, batch, features)
-        pairs = [(p, str(t).strip()) for p, t in zip(preds, batch["text"]) if str(t).strip()]
+        pairs = [(p, r) for p, r in zip(preds, self._references(batch)) if r]
         if pairs:
-            hyps, refs = [p for p, _ in pairs], [[r] for _, r in pairs]
+            hyps, refs = [p for p, _ in pairs], [r for _, r in pairs]
             for name in METRICS:
                 metrics[name].update(hyps, refs)
-            baseline = self.baseline_caption()
-            if baseline is not None:
+            baselines = self.baseline_captions()
+            if baselines is not None:
                 for name in METRICS:
-                    metrics[f"baseline_{name}"].update([baseline] * len(refs), refs)
+                    metrics[f"baseline_{name}"].update([baselines[name]] * len(refs), refs)
         return {"loss": loss.detach(), **logs}
 
     def predict(self, backbone: Backbone, batch: dict[str, Any]) -> list[dict[str, Any]]:
@@ -236,6 +245,7 @@ class CaptioningHead(Head):
             record: dict[str, Any] = {"__key__": key, "caption": captions[i]}
             if "text" in batch:
                 record["reference"] = batch["text"][i]
+                record["references"] = self._references(batch)[i]
             records.append(record)
         return records
 
@@ -247,12 +257,14 @@ class CaptioningHead(Head):
         sub = {k: (v[:n] if isinstance(v, (Tensor, list)) else v) for k, v in batch.items()}
         captions = self.generate(backbone, sub)
         rows = ["| # | key | generated | reference |", "| --- | --- | --- | --- |"]
+        refs = self._references(sub) if "text" in sub else [[] for _ in range(n)]
         for i in range(n):
-            ref = str(sub["text"][i]) if "text" in sub else ""
+            ref = " / ".join(refs[i])
             rows.append(f"| {i} | {sub['__key__'][i]} | {_cell(captions[i])} | {_cell(ref)} |")
-        baseline = self.baseline_caption()
-        if baseline is not None:
-            rows.append(f"\nbaseline (most frequent training caption): {_cell(baseline)}")
+        baselines = self.baseline_captions()
+        if baselines is not None:
+            rows.append("\nbaselines (the best constant caption per metric):")
+            rows.extend(f"- {name}: {_cell(caption)}" for name, caption in baselines.items())
         experiment.add_text(f"{tag}/captions", "\n".join(rows), step)
         if self.modality == "image" and hasattr(experiment, "add_images"):
             experiment.add_images(f"{tag}/images", ((sub["image"].float() + 1) / 2).clamp(0, 1), step)
