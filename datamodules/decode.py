@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,8 @@ import torch
 from PIL import Image
 
 from .shards import AUDIO_EXTS, IMAGE_EXTS, AudioDecodeError, read_audio
+
+log = logging.getLogger(__name__)
 
 MODALITIES = ("image", "audio", "text", "label")
 SAMPLE_REASONS = (
@@ -98,6 +101,8 @@ class SampleDecoder:
             data = _member(sample, IMAGE_EXTS, "image")
             try:
                 with Image.open(io.BytesIO(data)) as image:
+                    if min(image.size) < self.image_size:
+                        _warn_upsampling(image.size, self.image_size, sample.get("__url__", sample["__key__"]))
                     out["image"] = image_to_tensor(image, self.image_size, self.image_channels)
             except Exception as err:  # PIL raises many types for corrupt bytes
                 raise BadSample("corrupt_image", repr(err)) from err
@@ -126,6 +131,19 @@ class SampleDecoder:
                 raise BadSample("unknown_label", f"{label} not in [0, {self.num_classes})")
             out["label"] = label
         return out
+
+
+_UPSAMPLING_WARNED: set[int] = set()
+
+
+def _warn_upsampling(size: tuple[int, int], target: int, where: str) -> None:
+    """Warn once per process and target size that images are upsampled (allowed, but rarely meant)."""
+    if target in _UPSAMPLING_WARNED:
+        return
+    _UPSAMPLING_WARNED.add(target)
+    log.warning("images of %d x %d px (e.g. in %s) are upsampled to %d px (the image codec's image_size, or "
+                "data.image_size): the model sees no detail the shards do not hold; write shards at >= %d px "
+                "or train at a smaller size (warned once)", size[0], size[1], where, target, target)
 
 
 def read_captions(sample: dict[str, Any]) -> list[str]:

@@ -29,6 +29,9 @@ from .text import TextTokenizer, train_sentencepiece
 
 log = logging.getLogger(__name__)
 
+DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_CHANNELS = 32, 3
+"""The image format of a data module used without a model (no codec to follow)."""
+
 
 class WebDataModule(L.LightningDataModule):
     """Batches of the DESIGN.md batch format from WebDataset shards.
@@ -42,6 +45,10 @@ class WebDataModule(L.LightningDataModule):
         samples_per_epoch: training samples per epoch over all ranks (default: the train count).
         shuffle_buffer: training shuffle buffer, in samples.
         image_size / image_channels: images are resized and center-cropped to this, RGB (3) or L (1).
+            Unset (null), they follow the model's image codec (the module binds them at setup:
+            :meth:`bind_image_format`), so one setting, the stage-1 codec's ``image_size``, decides
+            the size everywhere; set, they must agree with the codec (an error at start names both).
+            Without a model: 32 px, RGB.
         sample_rate / audio_max_seconds: audio rate; training clips are randomly cropped to this length.
         tokenizer_path: a sentencepiece model; when missing and text is loaded, one is trained on the
             training split's text in ``prepare_data`` and stored beside the shards.
@@ -71,8 +78,8 @@ class WebDataModule(L.LightningDataModule):
         num_workers: int = 0,
         persistent_workers: bool = False,
         pin_memory: bool = False,
-        image_size: int = 32,
-        image_channels: int = 3,
+        image_size: int | None = None,
+        image_channels: int | None = None,
         sample_rate: int = 16000,
         audio_max_seconds: float | None = 2.0,
         tokenizer_path: str | None = None,
@@ -96,12 +103,12 @@ class WebDataModule(L.LightningDataModule):
             unknown = set(keys) - set(MODALITIES)
             if unknown:
                 raise ValueError(f"data.keys has unknown modalities {sorted(unknown)}; choose from {MODALITIES}")
-        for name, value in (("batch_size", batch_size), ("num_workers", num_workers + 1), ("image_size", image_size)):
+        for name, value in (("batch_size", batch_size), ("num_workers", num_workers + 1), ("image_size", image_size or 1)):
             if value < 1:
                 raise ValueError(f"data.{name} must be positive, got {value}")
         if text_model_type not in ("bpe", "unigram", "word", "char"):
             raise ValueError(f"data.text_model_type must be bpe, unigram, word or char, got {text_model_type!r}")
-        if image_channels not in (1, 3):
+        if image_channels not in (None, 1, 3):
             raise ValueError(f"data.image_channels must be 1 or 3, got {image_channels}")
         # the settings, read by the hooks (save_hyperparameters is unreliable for DataModules built
         # inside another DataModule by the CLI)
@@ -114,6 +121,33 @@ class WebDataModule(L.LightningDataModule):
         self._latents: dict[str, Any] | None = None  # set by cache_latents (the model, at setup)
         self._info: dict[str, Any] | None = None
         self._rank, self._world_size = 0, 1
+        self._bound_image: tuple[int, int] | None = None  # (size, channels) of the model's image codec
+        self._references: dict[str, list[list[str]]] = {}  # split -> captions per sample (read once)
+
+    # ----------------------------------------------------------------- image format
+    def bind_image_format(self, size: int, channels: int, source: str = "the model's image codec") -> None:
+        """``source`` takes ``size`` x ``size`` images of ``channels`` channels: unset settings follow it,
+        set ones must agree (ValueError naming both)."""
+        wrong = [f"data.{name}={given} but {source} takes {want}"
+                 for name, given, want in (("image_size", self.cfg.image_size, size),
+                                           ("image_channels", self.cfg.image_channels, channels))
+                 if given is not None and given != want]
+        if wrong:
+            raise ValueError(f"data set {self.name}: " + "; ".join(wrong)
+                             + ": leave them unset (null) to follow the codec, or set them to match")
+        self._bound_image = (int(size), int(channels))
+
+    @property
+    def image_size(self) -> int:
+        if self.cfg.image_size is not None:
+            return self.cfg.image_size
+        return self._bound_image[0] if self._bound_image else DEFAULT_IMAGE_SIZE
+
+    @property
+    def image_channels(self) -> int:
+        if self.cfg.image_channels is not None:
+            return self.cfg.image_channels
+        return self._bound_image[1] if self._bound_image else DEFAULT_IMAGE_CHANNELS
 
     # ----------------------------------------------------------------- data set description
     @property
@@ -176,8 +210,11 @@ class WebDataModule(L.LightningDataModule):
     def split_references(self, split: str = "train") -> list[list[str]]:
         """The captions of each sample of a split that has any, in shard order (samples whose text is
         unusable are left out, as the decoder skips them). Used by heads that need text statistics
-        (the captioning head's best-constant-caption baseline)."""
-        return list(_read_references(self.split_urls(split)))
+        (the captioning head's best-constant-caption baseline). Read once per split and kept (the
+        sentencepiece training and the baseline would otherwise each stream the whole split)."""
+        if split not in self._references:
+            self._references[split] = list(_read_references(self.split_urls(split)))
+        return self._references[split]
 
     @property
     def tokenizer_file(self) -> Path | None:
@@ -208,7 +245,7 @@ class WebDataModule(L.LightningDataModule):
         urls = self.split_urls("train")
         components = {
             "format": LATENT_FORMAT, "tokenizer": request["tokenizer"], "shards": shard_identity(urls),
-            "decode": {"keys": list(self.keys), "image_size": hp.image_size, "image_channels": hp.image_channels,
+            "decode": {"keys": list(self.keys), "image_size": self.image_size, "image_channels": self.image_channels,
                        "sample_rate": hp.sample_rate, "keep_raw": list(request["keep_raw"])},
         }
 
@@ -262,7 +299,7 @@ class WebDataModule(L.LightningDataModule):
         hp = self.cfg
         max_samples = int(hp.audio_max_seconds * hp.sample_rate) if hp.audio_max_seconds else None
         return SampleDecoder(
-            keys=self.keys, image_size=hp.image_size, image_channels=hp.image_channels,
+            keys=self.keys, image_size=self.image_size, image_channels=self.image_channels,
             sample_rate=hp.sample_rate, audio_max_samples=max_samples, train=train,
             num_classes=self.num_classes, seed=hp.seed,
         )

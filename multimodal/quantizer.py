@@ -194,6 +194,13 @@ class VectorQuantizer(nn.Module):
             and, with ``restart_dead_codes``, restarted).
         restart_dead_codes: replace dead codes by recent encoder outputs.
         restart_buffer_size: how many recent encoder outputs are kept to restart codes from.
+        balance_calls: every call of ``forward`` (one task's batch: one modality) weighs the same in the
+            k-means initialisation (each of the ``kmeans_init_batches`` pooled batches is subsampled to
+            the smallest one's valid tokens) and in the restart buffer (every call writes
+            ``restart_buffer_size / 4`` rows, drawn with replacement), whatever its token count; by
+            default both follow the token counts, and a modality with few tokens per batch (a second
+            of speech is 25 tokens, a 32 px image 64) ends up with a small share of the codes. Set
+            ``kmeans_init_batches`` to the number of tasks calling the quantizer per step with it.
         usage_window: the ``usage_window`` statistic counts codes used in this many recent steps.
         grad: ``"ste"`` (straight-through) or ``"rotation"`` (rotation trick) gradient to the encoder.
         sync_ddp: synchronise codebook statistics over a running process group (turn off only to test
@@ -216,6 +223,7 @@ class VectorQuantizer(nn.Module):
         dead_code_steps: int = 100,
         restart_dead_codes: bool = True,
         restart_buffer_size: int = 4096,
+        balance_calls: bool = False,
         usage_window: int = 100,
         grad: Literal["ste", "rotation"] = "ste",
         sync_ddp: bool = True,
@@ -246,6 +254,7 @@ class VectorQuantizer(nn.Module):
         self.kmeans_init_batches = kmeans_init_batches
         self.restart_dead_codes = restart_dead_codes
         self.restart_buffer_size = restart_buffer_size
+        self.balance_calls = balance_calls
         self.grad = grad
         self.sync_ddp = sync_ddp
 
@@ -365,7 +374,12 @@ class VectorQuantizer(nn.Module):
         self._init_data.append(flat if mask is None else flat[mask.reshape(-1)])
         if len(self._init_data) < self.kmeans_init_batches:
             return
-        data = torch.cat(self._init_data)
+        chunks = self._init_data
+        if self.balance_calls:  # every pooled batch contributes as many tokens as the smallest
+            smallest = min(c.shape[0] for c in chunks)
+            rng = self._rng(chunks[0].device)
+            chunks = [c[torch.randperm(c.shape[0], device=c.device, generator=rng)[:smallest]] for c in chunks]
+        data = torch.cat(chunks)
         rows = torch.tensor([data.shape[0]], device=data.device)
         if sync:
             dist.broadcast(rows, src=0)  # the seeds come from rank 0: it must have data
@@ -475,7 +489,9 @@ class VectorQuantizer(nn.Module):
             self._recent_filled = self._recent_ptr = 0
         elif self._recent.device != flat.device or self._recent.dtype != flat.dtype:
             self._recent = self._recent.to(flat.device, flat.dtype)  # e.g. restored on CPU, trained on GPU
-        m = min(flat.shape[0], max(1, self.restart_buffer_size // 4))
+        m = max(1, self.restart_buffer_size // 4)
+        if not self.balance_calls:  # a batch's share of the buffer follows its token count
+            m = min(flat.shape[0], m)
         rng = self._rng(flat.device)
         if valid is None:
             rows = torch.randint(flat.shape[0], (m,), device=flat.device, generator=rng)

@@ -410,9 +410,17 @@ class MultiTaskModule(CheckpointWeights, L.LightningModule):
         return {next(iter(self.heads)): dm} if len(self.heads) == 1 else {}
 
     def setup(self, stage: str) -> None:
-        """Hand every head its DataModule (after the data's ``prepare_data``/``setup``: text tokenizers);
-        for ``fit``, ask the data of heads that train on frozen codes to cache them (``cache_latents``)."""
+        """Hand every head its DataModule (after the data's ``prepare_data``/``setup``: text tokenizers),
+        and the image codec's format to data that reads images (unset sizes follow it, set ones must
+        agree); for ``fit``, ask the data of heads that train on frozen codes to cache them
+        (``cache_latents``)."""
+        image = self.backbone.codecs["image"] if "image" in self.backbone.codecs else None
         for task, data in self._task_data().items():
+            if image is not None and hasattr(data, "bind_image_format") and "image" in getattr(data, "keys", ()):
+                h, w = image.image_size
+                if h != w:
+                    raise ValueError(f"the image codec takes {h} x {w} images; the data modules crop squares")
+                data.bind_image_format(h, image.in_channels, f"the image codec (model.backbone codecs.image, task {task})")
             self.heads[task].bind_data(data, task)
             if stage == "fit" and self.hparams.get("cache_latents", True):
                 self._request_latent_cache(task, data)

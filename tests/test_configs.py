@@ -59,3 +59,43 @@ def test_scale_overlays_compose_with_a_recipe(overlay: Path, capsys: pytest.Capt
     assert strategy == expected["strategy"] or strategy["class_path"] == expected["strategy"]["class_path"]
     assert set(merged["model"]["init_args"]["heads"]) == set(
         yaml.safe_load((CONFIGS / "multitask.yaml").read_text())["model"]["init_args"]["heads"])
+
+
+SIZES = sorted((CONFIGS / "image_size").glob("[0-9]*.yaml"), key=lambda p: int(p.stem))
+
+
+@pytest.mark.parametrize("overlay", SIZES, ids=[p.name for p in SIZES])
+def test_image_size_overlays_set_the_codec_and_the_data_follows(overlay: Path, shard_dir: Path, tmp_path: Path) -> None:
+    """configs/image_size/<side>.yaml on the image stage-1 recipe: the codec takes <side> px at the
+    table's down-sampling, and the data module (image_size unset) follows it: the 16 px test images
+    are upsampled and the fit trains (a size mismatch would fail the first step)."""
+    from multimodal.image_codec import IMAGE_SIZES
+
+    size = int(overlay.stem)
+    run = tmp_path / "run"
+    base = write_tiny_config("tokenizer_image.yaml", shard_dir, run)
+    main(["fit", "--config", str(base), "--config", str(overlay), "--trainer.limit_val_batches=0"])
+    saved = yaml.safe_load(next(run.rglob("config.yaml")).read_text())
+    codec = saved["model"]["init_args"]["backbone"]["init_args"]["codecs"]["image"]["init_args"]
+    assert (codec["image_size"], codec["downsample"]) == (size, IMAGE_SIZES[size]["downsample"])
+    assert all(t["init_args"].get("image_size") is None for t in saved["data"]["init_args"]["tasks"].values())
+    assert next(run.rglob("last.ckpt")).is_file()
+
+
+def test_caption_64_on_a_64_px_tokenizer(shard_dir: Path, tmp_path: Path) -> None:
+    """configs/image_size/caption_64.yaml after caption_shapes.yaml, on a (tiny) 64 px stage-1 run: the
+    trunk reads the 16 x 16 grid of the checkpoint's codec; fit and test run."""
+    tokenizer = tmp_path / "tok64"
+    main(["fit", "--config", str(write_tiny_config("tokenizer_image.yaml", shard_dir, tokenizer)),
+          "--config", str(CONFIGS / "image_size" / "64.yaml"), "--trainer.limit_val_batches=0"])
+    run = tmp_path / "cap64"
+    base = write_tiny_config("caption_shapes.yaml", shard_dir, run, tokenizer)
+    overlay = yaml.safe_load((CONFIGS / "image_size" / "caption_64.yaml").read_text())
+    overlay["trainer"]["default_root_dir"] = str(run)
+    overlay["model"]["init_args"]["backbone"]["init_args"]["tokenizer_ckpt"] = str(tokenizer)
+    (tmp_path / "caption_64.yaml").write_text(yaml.safe_dump(overlay))
+    main(["fit", "--config", str(base), "--config", str(tmp_path / "caption_64.yaml")])
+    main(["test", "--config", str(base), "--config", str(tmp_path / "caption_64.yaml"),
+          f"--ckpt_path={next(run.rglob('last.ckpt'))}"])
+    report = json.loads(next(run.rglob("test_metrics.json")).read_text())
+    assert "test/shapes/bleu4" in report

@@ -361,3 +361,25 @@ def test_fsq_codes_lookup_and_gradient() -> None:
     grid = FSQ(levels=[8, 5, 5, 5], dim=4).lookup(torch.arange(1000))  # no projections: the raw grid
     assert torch.unique(grid, dim=0).shape[0] == 1000  # every code is a different vector
     assert grid.min() == -1 and grid.max() == 1  # odd levels reach +-1, even levels -1 and 1 - 2 / L
+
+
+def test_balance_calls_gives_a_small_modality_its_share_of_the_codes() -> None:
+    """Two 'modalities' per step, 2000 tokens and 100 tokens in far-apart regions: by token count the
+    small one gets 1/21 of the tokens and 9-19 % of the codes at initialisation (k-means++ seeds
+    favour far points); balanced, about half (42-53 % over seeds 0-2)."""
+
+    def share(balance: bool) -> float:
+        torch.manual_seed(0)
+        vq = VectorQuantizer(num_codes=64, dim=4, kmeans_init_batches=2, balance_calls=balance).train()
+        big = torch.randn(1, 2000, 4)
+        small = torch.randn(1, 100, 4) + torch.tensor([50.0, 0.0, 0.0, 0.0])
+        vq(big)
+        vq(small)  # the second pooled batch: k-means runs now
+        return float((vq.codebook[:, 0] > 25).float().mean())
+
+    assert share(False) < 0.25
+    assert 0.35 < share(True) < 0.65
+    # the restart buffer: every call writes the same number of rows when balanced
+    vq = VectorQuantizer(num_codes=8, dim=2, restart_buffer_size=64, balance_calls=True, kmeans_init=False).train()
+    vq(torch.randn(1, 3, 2))
+    assert vq._recent_filled == 16  # 64 / 4 rows from a batch of 3 tokens (drawn with replacement)

@@ -174,3 +174,23 @@ def test_multitask_datamodule_combines_tasks(shard_dir: Path) -> None:
     assert seen == {"classify": 12, "speech": 12}
     with pytest.raises(ValueError, match="data.mode"):
         MultiTaskDataModule({"a": a}, mode="zip")
+
+
+def test_image_format_follows_the_codec_or_must_agree(shard_dir: Path, caplog) -> None:
+    import datamodules.decode as decode
+
+    dm = _dm(shard_dir, batch_size=2, keys=["image"])
+    assert (dm.image_size, dm.image_channels) == (32, 3)  # no model: the defaults
+    dm.bind_image_format(24, 1)  # what the model's image codec takes
+    decode._UPSAMPLING_WARNED.clear()
+    with caplog.at_level(logging.WARNING, logger="datamodules.decode"):
+        batch = next(iter(dm.val_dataloader()))
+        next(iter(dm.val_dataloader()))
+    assert batch["image"].shape == (2, 1, 24, 24)
+    # the fixture's images are 16 px: upsampled, warned once (not once per image)
+    warned = [r for r in caplog.records if "upsampled to 24 px" in r.getMessage()]
+    assert len(warned) == 1 and "16 x 16" in warned[0].getMessage()
+    fixed = _dm(shard_dir, batch_size=2, keys=["image"], image_size=16)
+    fixed.bind_image_format(16, 3)  # agrees: fine
+    with pytest.raises(ValueError, match=r"data.image_size=16 but the image codec takes 64.*null"):
+        fixed.bind_image_format(64, 3, "the image codec")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import time
 
 
@@ -36,70 +35,72 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _median_step(step, repeats: int, warmup: int, max_seconds: float) -> float | None:
+    """Median milliseconds of ``step``; None when its first call takes longer than ``max_seconds``."""
+    from benchmarks.kernels import _time
+
     t = time.perf_counter()
     step()
     if time.perf_counter() - t > max_seconds:
         return None
-    for _ in range(max(0, warmup - 1)):
-        step()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
+    return _time(step, repeats, max(0, warmup - 1))
 
 
-def run(args: argparse.Namespace) -> None:
+def _size_row(size: int, args: argparse.Namespace, autocast) -> str:
     import torch
     import torch.nn.functional as F
 
     from multimodal import DiffusionTransformer, ImageCodec, VectorQuantizer
+    from multimodal.image_codec import IMAGE_SIZES
+
+    f, p = IMAGE_SIZES[size]["downsample"], IMAGE_SIZES[size]["patch_size"]
+    codec = ImageCodec(preset=args.codec_preset, image_size=size, downsample=f, code_dim=64).train()
+    quantizer = VectorQuantizer(num_codes=512, dim=64, kmeans_init=False).train()
+    opt1 = torch.optim.AdamW([*codec.parameters(), *quantizer.parameters()], lr=1e-4)
+    images = torch.rand(args.batch, 3, size, size) * 2 - 1
+    h, w = codec.grid_size
+
+    def stage1() -> None:
+        with autocast():
+            q, _, vq_loss, _ = quantizer(codec.encode(images))
+            loss = F.l1_loss(codec.decode(q).float(), images) + vq_loss
+        opt1.zero_grad(set_to_none=True)
+        loss.backward()
+        opt1.step()
+
+    dit = DiffusionTransformer(in_dim=64, preset=args.dit_preset, patch_size=p, num_classes=10).train()
+    opt2 = torch.optim.AdamW(dit.parameters(), lr=1e-4)
+    latents = torch.randn(args.batch, h * w, 64)
+    labels = torch.randint(0, 10, (args.batch,))
+    t = torch.rand(args.batch)
+
+    def stage2() -> None:
+        with autocast():
+            loss = F.mse_loss(dit(latents, t, "image", y=labels).float()[..., :64], latents)
+        opt2.zero_grad(set_to_none=True)
+        loss.backward()
+        opt2.step()
+
+    def cell(ms: float | None) -> str:
+        return f"{ms:.0f}" if ms is not None else f"> {args.max_seconds * 1000:.0f} (not run)"
+
+    s1 = _median_step(stage1, args.repeats, args.warmup, args.max_seconds)
+    s2 = _median_step(stage2, args.repeats, args.warmup, args.max_seconds)
+    return f"| {size} | {f} | {h} x {w} | {(h // p) * (w // p)} | {cell(s1)} | {cell(s2)} |"
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+
     from multimodal.image_codec import IMAGE_SIZES
     from multimodal.precision import resolve_precision
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     precision, why = resolve_precision(None, "cpu")
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16-mixed" else contextlib.nullcontext
+    bf16 = precision == "bf16-mixed"
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     print(f"threads {args.threads}, batch {args.batch}, precision {precision} ({why})")
-    print("| size | downsample | token grid | DiT tokens (p=2) | stage-1 step (ms) | stage-2 step (ms) |")
+    print("| size | downsample | token grid | DiT tokens | stage-1 step (ms) | stage-2 step (ms) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for size in args.sizes or sorted(IMAGE_SIZES):
-        f = IMAGE_SIZES[size]["downsample"]
-        codec = ImageCodec(preset=args.codec_preset, image_size=size, downsample=f, code_dim=64)
-        quantizer = VectorQuantizer(num_codes=512, dim=64, kmeans_init=False)
-        params = [*codec.parameters(), *quantizer.parameters()]
-        opt1 = torch.optim.AdamW(params, lr=1e-4)
-        images = torch.rand(args.batch, 3, size, size) * 2 - 1
-        h, w = codec.grid_size
-
-        def stage1() -> None:
-            with autocast():
-                z = codec.encode(images)
-                q, _, vq_loss, _ = quantizer(z)
-                loss = F.l1_loss(codec.decode(q).float(), images) + vq_loss
-            opt1.zero_grad(set_to_none=True)
-            loss.backward()
-            opt1.step()
-
-        dit = DiffusionTransformer(in_dim=64, preset=args.dit_preset, patch_size=2, num_classes=10)
-        opt2 = torch.optim.AdamW(dit.parameters(), lr=1e-4)
-        latents = torch.randn(args.batch, h * w, 64)
-        labels = torch.randint(0, 10, (args.batch,))
-        t = torch.rand(args.batch)
-
-        def stage2() -> None:
-            with autocast():
-                out = dit(latents, t, "image", y=labels)
-                loss = F.mse_loss(out.float()[..., :64], latents)
-            opt2.zero_grad(set_to_none=True)
-            loss.backward()
-            opt2.step()
-
-        codec.train()
-        quantizer.train()
-        s1 = _median_step(stage1, args.repeats, args.warmup, args.max_seconds)
-        s2 = _median_step(stage2, args.repeats, args.warmup, args.max_seconds)
-        cell = lambda v: f"{v:.0f}" if v is not None else f"> {args.max_seconds * 1000:.0f} (not run)"  # noqa: E731
-        print(f"| {size} | {f} | {h} x {w} | {(h // 2) * (w // 2)} | {cell(s1)} | {cell(s2)} |", flush=True)
+        print(_size_row(size, args, autocast), flush=True)
