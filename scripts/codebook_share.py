@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 SETS = {"digits": "image", "shapes": "image", "spoken": "audio"}
 
 
-def measure(ckpt: str, split: str, batches: int | None) -> list[dict]:
+def measure(ckpt: str, split: str, batches: int | None, demo_size: str = "default") -> list[dict]:
     import torch
     from torchmetrics.audio import SignalNoiseRatio
     from torchmetrics.image import PeakSignalNoiseRatio
@@ -37,7 +37,7 @@ def measure(ckpt: str, split: str, batches: int | None) -> list[dict]:
         if modality not in backbone.codecs:
             continue
         data = WebDataModule(demo=name, keys=[modality], batch_size=64, audio_max_seconds=None,
-                             test_split=split)
+                             test_split=split, demo_size=demo_size)
         codec = backbone.codec(modality)
         if modality == "image":
             data.bind_image_format(codec.image_size[0], codec.in_channels)
@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--batches", type=int, default=None, help="at most this many batches per set")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--demo-size", default="default", help="default or tiny (tests)")
     args = parser.parse_args(argv)
     import torch
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| checkpoint | set | codes used | metric | through the codebook (dB) | continuous latents (dB) | gap (dB) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for ckpt in args.ckpts:
-        for r in measure(ckpt, args.split, args.batches):
+        for r in measure(ckpt, args.split, args.batches, args.demo_size):
             print(f"| {r['ckpt']} | {r['set']} | {100 * r['codes']:.1f} % | {r['metric']} | {r['quantized']:.2f} | "
                   f"{r['continuous']:.2f} | {r['continuous'] - r['quantized']:.2f} |", flush=True)
 

@@ -1,6 +1,6 @@
 """From nothing to a trained multi-task model on the embedded demo data, in one command.
 
-    python scripts/quickstart.py                 # ~8.5 minutes on a 2-core CPU
+    python scripts/quickstart.py                 # ~10 minutes on a 2-core CPU
 
 1. stage 1: the shared VQ tokenizer (``configs/tokenizer.yaml``, shortened) on digits, shapes, spoken;
 2. stage 2: one DiT trunk under four heads at once (``configs/quickstart.yaml``): class-conditional

@@ -155,3 +155,19 @@ def test_tokenizer_image_config_runs(shard_dir: Path, tmp_path: Path) -> None:
     path = tmp_path / "img.yaml"
     path.write_text(yaml.safe_dump(image_cfg))
     main(["fit", "--config", str(path)])
+
+
+def test_codebook_share_reports_every_modality(tokenizer_run: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """scripts/codebook_share.py on the tiny stage-1 run: one row per demo set, codes used in (0, 100] %,
+    and the continuous-latent figure beside the quantized one."""
+    import importlib.util
+
+    monkeypatch.setenv("MULTIMODAL_CACHE", str(tmp_path / "demo"))
+    spec = importlib.util.spec_from_file_location("codebook_share", Path(__file__).parents[1] / "scripts" / "codebook_share.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.measure(str(tokenizer_run), "test", batches=1, demo_size="tiny")
+    assert [r["set"] for r in rows] == ["digits", "shapes", "spoken"]
+    for r in rows:
+        assert 0.0 < r["codes"] <= 1.0 and r["metric"] == ("mel SNR" if r["set"] == "spoken" else "PSNR")
+        assert r["quantized"] == r["quantized"] and r["continuous"] == r["continuous"]  # finite, not NaN
