@@ -136,7 +136,6 @@ LIGHT_BACKGROUND = (195, 245)
 GAP = 1.5  # min pixels between bounding boxes
 RELATION_RATIO = 1.5  # the dominant axis of an offset must be this much longer than the other
 RELATIONS = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
-INVERSE = {"left": "right", "right": "left", "above": "below", "below": "above"}
 # the other words of the paraphrases (same meaning)
 RELATION_SYNONYMS = {"left": "left of", "right": "right of", "above": "over", "below": "under"}
 SIZE_SYNONYMS = {"small": "little", "large": "big"}

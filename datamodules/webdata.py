@@ -103,7 +103,8 @@ class WebDataModule(L.LightningDataModule):
             unknown = set(keys) - set(MODALITIES)
             if unknown:
                 raise ValueError(f"data.keys has unknown modalities {sorted(unknown)}; choose from {MODALITIES}")
-        for name, value in (("batch_size", batch_size), ("num_workers", num_workers + 1), ("image_size", image_size or 1)):
+        for name, value in (("batch_size", batch_size), ("num_workers", num_workers + 1),
+                            ("image_size", 1 if image_size is None else image_size)):
             if value < 1:
                 raise ValueError(f"data.{name} must be positive, got {value}")
         if text_model_type not in ("bpe", "unigram", "word", "char"):

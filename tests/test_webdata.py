@@ -194,3 +194,5 @@ def test_image_format_follows_the_codec_or_must_agree(shard_dir: Path, caplog) -
     fixed.bind_image_format(16, 3)  # agrees: fine
     with pytest.raises(ValueError, match=r"data.image_size=16 but the image codec takes 64.*null"):
         fixed.bind_image_format(64, 3, "the image codec")
+    with pytest.raises(ValueError, match="data.image_size must be positive"):
+        WebDataModule(root=str(shard_dir), image_size=0)
