@@ -7,6 +7,8 @@
     python scripts/benchmark.py stage2      # a quickstart stage-2 step: the old path vs each speed-up
     python scripts/benchmark.py assistant   # the assistant: model load, one image, one clip, generation
     python scripts/benchmark.py kernels     # attention, GELU, allocator, TaskAdamW: the CPU speed choices
+    python scripts/benchmark.py sizes       # what an image size costs per step, stage 1 and stage 2
+    python scripts/benchmark.py text_metrics  # chrF++: torchmetrics vs sacrebleu; the constant-caption search
 
 Each subcommand lives in ``scripts/benchmarks/<name>.py`` and exposes ``add_arguments(parser)``
 and ``run(args)``. Numbers are printed, never asserted in tests.
