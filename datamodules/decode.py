@@ -5,6 +5,7 @@
     text         list[str]; text_ids long [B, L] (BOS ... EOS, right-padded with pad id); text_lengths long [B]
     references   list[list[str]]: every caption of each sample (``text`` is one of them, see below)
     label        long [B]
+    objects      float [B, MAX_OBJECTS, 2 + A]: scene annotations (below), rows of padding all -1
     __key__      list[str]
 
 Several captions per sample (COCO/Flickr style): a ``captions.json`` member holding a JSON list of
@@ -12,6 +13,14 @@ strings (:data:`CAPTIONS_MEMBER`; ``txt`` then holds the first, for readers that
 Training draws one caption per sample with the pass's seeded generator (so a resumed pass draws the
 same); evaluation takes the first as ``text``; ``references`` always holds all of them (a one-item
 list for single-caption data, which is read exactly as before).
+
+Scene annotations (key ``objects``, asked for in ``data.keys``; never loaded by default): the
+``json`` member ``{"objects": [{"x": px, "y": px, "<attribute>": "<value>", ...}, ...]}`` with each
+object's centre in pixels of the stored image and a value for every attribute ``info.json`` names in
+``attributes`` (``{"shape": [...], "colour": [...], "size": [...]}`` for the demo shapes). One row per
+object: its centre in [0, 1] of the decoded image (after the resize and centre crop), then each
+attribute's value index in the order of ``attributes``. The scene judge of the generation head reads
+them (``tasks/scene_judge.py``).
 
 A sample that cannot be decoded raises :class:`BadSample` with a reason; the pipeline in
 ``webdata.py`` turns that into a counted, logged skip.
@@ -35,9 +44,13 @@ from .shards import AUDIO_EXTS, IMAGE_EXTS, AudioDecodeError, read_audio
 log = logging.getLogger(__name__)
 
 MODALITIES = ("image", "audio", "text", "label")
+ANNOTATIONS = ("objects",)
+"""Keys read from the ``json`` member, loaded only when ``data.keys`` names them."""
+MAX_OBJECTS = 8
 SAMPLE_REASONS = (
     "corrupt_image", "truncated_audio", "empty_audio", "undecodable_audio", "non_finite_audio", "empty_text",
-    "bad_captions", "bad_label", "unknown_label", *(f"missing_{m}" for m in MODALITIES),
+    "bad_captions", "bad_label", "unknown_label", "bad_objects", *(f"missing_{m}" for m in MODALITIES),
+    "missing_objects",
 )
 """Every :class:`BadSample` reason (audio ones from ``shards.read_audio``)."""
 
@@ -93,10 +106,12 @@ class SampleDecoder:
     train: bool = False
     num_classes: int | None = None
     seed: int = 0
+    attributes: dict[str, list[str]] | None = None  # info.json's, for ``objects``
     rng: random.Random = field(default_factory=random.Random, repr=False)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"__key__": sample["__key__"]}
+        crop = None  # (scale, left, top) of the image transform, for the objects' centres
         if "image" in self.keys:
             data = _member(sample, IMAGE_EXTS, "image")
             try:
@@ -104,6 +119,7 @@ class SampleDecoder:
                     if min(image.size) < self.image_size:
                         _warn_upsampling(image.size, self.image_size, sample.get("__url__", sample["__key__"]))
                     out["image"] = image_to_tensor(image, self.image_size, self.image_channels)
+                    crop = _crop_of(image.size, self.image_size)
             except Exception as err:  # PIL raises many types for corrupt bytes
                 raise BadSample("corrupt_image", repr(err)) from err
         if "audio" in self.keys:
@@ -130,7 +146,42 @@ class SampleDecoder:
             if label < 0 or (self.num_classes is not None and label >= self.num_classes):
                 raise BadSample("unknown_label", f"{label} not in [0, {self.num_classes})")
             out["label"] = label
+        if "objects" in self.keys:
+            out["objects"] = read_objects(sample, self.attributes or {}, crop)
         return out
+
+
+def _crop_of(size: tuple[int, int], target: int) -> tuple[float, float, float]:
+    """(scale, left, top) of :func:`image_to_tensor`'s resize and centre crop to ``target`` px, as
+    ``decoded = (source - left / top) * scale``; ``scale`` includes the division by ``target``,
+    so a decoded centre lies in [0, 1]."""
+    w, h = size
+    scale = target / min(w, h)
+    nw, nh = max(target, round(w * scale)), max(target, round(h * scale))
+    return scale / target, (nw - target) // 2 / scale, (nh - target) // 2 / scale
+
+
+def read_objects(sample: dict[str, Any], attributes: dict[str, list[str]],
+                 crop: tuple[float, float, float] | None) -> torch.Tensor:
+    """The ``json`` member's objects -> float [MAX_OBJECTS, 2 + len(attributes)] (see the module
+    docstring). ``crop`` (:func:`_crop_of`) maps source pixels to [0, 1] of the decoded image; without
+    it (no image decoded) centres stay in source pixels. Raises :class:`BadSample` ``missing_objects``
+    or ``bad_objects`` (not JSON, no list of 1 to MAX_OBJECTS objects, an unknown attribute value)."""
+    if "json" not in sample:
+        raise BadSample("missing_objects", "no json member")
+    try:
+        objects = json.loads(sample["json"])["objects"]
+        if not isinstance(objects, list) or not 1 <= len(objects) <= MAX_OBJECTS:
+            raise ValueError(f"objects must be a list of 1 to {MAX_OBJECTS} objects")
+        rows = torch.full((MAX_OBJECTS, 2 + len(attributes)), -1.0)
+        scale, left, top = crop or (1.0, 0.0, 0.0)
+        for i, obj in enumerate(objects):
+            rows[i, 0], rows[i, 1] = (float(obj["x"]) - left) * scale, (float(obj["y"]) - top) * scale
+            for j, (name, values) in enumerate(attributes.items()):
+                rows[i, 2 + j] = values.index(obj[name])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise BadSample("bad_objects", repr(err)) from err
+    return rows
 
 
 _UPSAMPLING_WARNED: set[int] = set()
@@ -198,4 +249,6 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
             batch["text_ids"], batch["text_lengths"] = pad_1d([s["text_ids"] for s in samples], first["pad_id"])
     if "label" in first:
         batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+    if "objects" in first:
+        batch["objects"] = torch.stack([s["objects"] for s in samples])
     return batch

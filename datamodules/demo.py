@@ -6,7 +6,9 @@ packages (no downloads), deterministic for a seed:
 ``shapes``  32x32 RGB scenes of 1-3 coloured shapes with four captions from their attributes and
             relations (true paraphrases: the same scene with objects and relations named in another
             order or with other words; ``captions.json``, the first also in ``txt``); label = shape
-            of the largest object.
+            of the largest object; ``json`` = the scene's objects (shape, colour, size, centre).
+            Five (shape, colour) pairs (:data:`HELDOUT_COMBINATIONS`) never occur in the training
+            split, only in val/test: generation is measured on combinations it never saw.
 ``spoken``  spoken commands ("go three one") synthesised by espeak-ng with many voices, rates,
             pitches and noise levels, 16 kHz; label = the command word. Two voice variants are
             kept out of train/val/test and form an extra ``heldout`` split. espeak-ng carries
@@ -54,9 +56,9 @@ __all__ = [
 
 DEMO_SETS: tuple[str, ...] = ("shapes", "spoken", "digits")
 SIZES: tuple[str, ...] = ("default", "tiny")
-FORMAT_VERSIONS: dict[str, int] = {"shapes": 3, "spoken": 2, "digits": 2}
+FORMAT_VERSIONS: dict[str, int] = {"shapes": 4, "spoken": 2, "digits": 2}
 """Per set, bumped whenever its generated content changes, so stale caches are not reused
-(shapes v3: four captions per scene)."""
+(shapes v3: four captions per scene; v4: held-out combinations, attribute vocabularies in info.json)."""
 CACHE_ENV = "MULTIMODAL_CACHE"
 MAX_PER_SHARD = 1000
 MIN_SHARDS = 4  # per split: the loader splits shards across ranks x workers
@@ -139,6 +141,15 @@ RELATIONS = {"left": "to the left of", "right": "to the right of", "above": "abo
 # the other words of the paraphrases (same meaning)
 RELATION_SYNONYMS = {"left": "left of", "right": "right of", "above": "over", "below": "under"}
 SIZE_SYNONYMS = {"small": "little", "large": "big"}
+OBJECT_SIZES: tuple[str, ...] = ("small", "large")
+HELDOUT_COMBINATIONS: tuple[dict[str, str], ...] = tuple(
+    {"shape": shape, "colour": colour}
+    for shape, colour in (("circle", "purple"), ("square", "orange"), ("triangle", "green"),
+                          ("diamond", "red"), ("cross", "blue"))
+)
+"""(shape, colour) pairs no object of the training split has (one per shape, each colour once but
+yellow): val/test scenes holding one measure generation on attribute combinations never seen."""
+_HELDOUT_PAIRS = {(c["shape"], c["colour"]) for c in HELDOUT_COMBINATIONS}
 
 _grid = (np.arange(IMAGE_SIZE * SUPERSAMPLE, dtype=np.float32) + 0.5) / SUPERSAMPLE
 _GY, _GX = np.meshgrid(_grid, _grid, indexing="ij")
@@ -236,7 +247,8 @@ def _place(rng: np.random.Generator, n: int) -> list[dict[str, Any]] | None:
     return objects
 
 
-def _shapes_scene(rng: np.random.Generator) -> tuple[Image.Image, list[str], int, dict[str, Any]]:
+def _shapes_scene(rng: np.random.Generator, train: bool = False) -> tuple[Image.Image, list[str], int, dict[str, Any]]:
+    """One scene; ``train`` redraws any object whose (shape, colour) is held out."""
     n = int(rng.integers(1, 4))
     objects = None
     while objects is None:
@@ -245,7 +257,7 @@ def _shapes_scene(rng: np.random.Generator) -> tuple[Image.Image, list[str], int
     for obj in objects:
         while True:
             shape, colour = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS)))
-            if (shape, colour) not in used:
+            if (shape, colour) not in used and not (train and (shape, colour) in _HELDOUT_PAIRS):
                 break
         used.add((shape, colour))
         obj["shape"], obj["colour"] = shape, colour
@@ -273,7 +285,7 @@ def _generate_shapes(out: Path, seed: int, size: str) -> dict[str, Any]:
 
         def samples(rng: np.random.Generator = rng, split: str = split, count: int = count) -> Iterator[dict]:
             for i in range(count):
-                image, captions, label, meta = _shapes_scene(rng)
+                image, captions, label, meta = _shapes_scene(rng, train=split == "train")
                 yield {
                     "__key__": f"shapes-{split}-{i:06d}",
                     "png": encode_png(image),
@@ -290,6 +302,10 @@ def _generate_shapes(out: Path, seed: int, size: str) -> dict[str, Any]:
         classes=list(SHAPES),
         sample_rate=None,
         source=_source("shapes", seed, size),
+        # the scene annotations of the ``json`` member (datamodules/decode.py, key ``objects``)
+        attributes={"shape": list(SHAPES), "colour": list(COLOURS), "size": list(OBJECT_SIZES)},
+        heldout_combinations=[dict(c) for c in HELDOUT_COMBINATIONS],
+        heldout_from="train",
     )
 
 

@@ -9,7 +9,7 @@ What is stored, per sample of the training split (the batch format, with codes i
 
 * ``<modality>_codes`` int16 [N] (images: the token grid, row-major; audio: ``<modality>_code_lengths``
   tokens of the full clip), read back as long [B, N] (audio right-padded with 0);
-* ``label``, ``text`` (raw strings, every caption of a sample: text is tokenized per batch, as from
+* ``label``, ``objects`` (scene annotations), ``text`` (raw strings, every caption of a sample: text is tokenized per batch, as from
   shards, so truncation is still counted; a multi-caption sample draws one per step, seeded by the
   pass like the audio crops), ``__key__``;
 * the raw ``image`` (uint8, exact) or ``audio`` (16-bit PCM) only when a head reads it too (the
@@ -129,8 +129,9 @@ class LatentCache:
                     raise ValueError(f"latent cache: {modality} codes outside int16 [0, 32767]")
                 for row, n in zip(codes, lengths.tolist()):
                     columns.setdefault(f"{modality}_codes", []).append(row[:n].to(torch.int16))
-            if "label" in batch:
-                columns.setdefault("label", []).extend(batch["label"].cpu())
+            for name in ("label", "objects"):
+                if name in batch:
+                    columns.setdefault(name, []).extend(batch[name].cpu())
             if "text" in batch:
                 texts.extend(batch["references"])
             if "image" in keep_raw:  # [-1, 1] floats of uint8 pixels -> the uint8 again (exact)

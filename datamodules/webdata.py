@@ -18,7 +18,7 @@ from typing import Any
 
 import lightning as L
 
-from .decode import CAPTIONS_MEMBER, MODALITIES, BadSample, SampleDecoder, read_captions
+from .decode import ANNOTATIONS, CAPTIONS_MEMBER, MODALITIES, BadSample, SampleDecoder, read_captions
 from .latent_cache import FORMAT as LATENT_FORMAT
 from .latent_cache import CachedStream, Encoder, LatentCache, load_or_build, shard_identity
 from .latent_cache import default_root as default_latent_root
@@ -100,9 +100,10 @@ class WebDataModule(L.LightningDataModule):
         if root is None and demo is None and train_urls is None and val_urls is None and test_urls is None:
             raise ValueError("no data: set data.root (a shard folder), data.demo, or data.train_urls/val_urls/test_urls")
         if keys is not None:
-            unknown = set(keys) - set(MODALITIES)
+            unknown = set(keys) - set(MODALITIES) - set(ANNOTATIONS)
             if unknown:
-                raise ValueError(f"data.keys has unknown modalities {sorted(unknown)}; choose from {MODALITIES}")
+                raise ValueError(f"data.keys has unknown modalities {sorted(unknown)}; choose from "
+                                 f"{MODALITIES + ANNOTATIONS}")
         for name, value in (("batch_size", batch_size), ("num_workers", num_workers + 1),
                             ("image_size", 1 if image_size is None else image_size)):
             if value < 1:
@@ -177,7 +178,10 @@ class WebDataModule(L.LightningDataModule):
     @property
     def keys(self) -> tuple[str, ...]:
         keys = self._keys or [m for m in MODALITIES if m in self.info["modalities"]]
-        missing = [k for k in keys if k not in self.info["modalities"]]
+        missing = [k for k in keys if k not in self.info["modalities"] and k not in ANNOTATIONS]
+        if "objects" in keys and not self.attributes:
+            raise ValueError(f"data.keys asks for objects (scene annotations), but {self.name}'s info.json names no "
+                             "attributes (e.g. {\"shape\": [...], \"colour\": [...]}; datamodules/decode.py)")
         if missing:
             raise ValueError(
                 f"data set {self.name} has no {missing} (it has {self.info['modalities']}); fix data.keys"
@@ -187,6 +191,16 @@ class WebDataModule(L.LightningDataModule):
     @property
     def classes(self) -> list[str]:
         return list(self.info.get("classes") or [])
+
+    @property
+    def attributes(self) -> dict[str, list[str]]:
+        """The scene annotations' attributes and their values (info.json), ``{}`` when it has none."""
+        return {k: list(v) for k, v in (self.info.get("attributes") or {}).items()}
+
+    @property
+    def heldout_combinations(self) -> list[dict[str, str]]:
+        """Attribute combinations info.json says the training split never holds (demo shapes: five)."""
+        return [dict(c) for c in self.info.get("heldout_combinations") or []]
 
     @property
     def num_classes(self) -> int | None:
@@ -303,6 +317,7 @@ class WebDataModule(L.LightningDataModule):
             keys=self.keys, image_size=self.image_size, image_channels=self.image_channels,
             sample_rate=hp.sample_rate, audio_max_samples=max_samples, train=train,
             num_classes=self.num_classes, seed=hp.seed,
+            attributes=self.attributes if "objects" in self.keys else None,
         )
 
     def _batches_per_rank(self) -> int:

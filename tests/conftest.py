@@ -13,6 +13,10 @@ from datamodules.shards import ShardSink, encode_png, encode_wav, make_info, wri
 WORDS = ["red", "green", "blue", "circle", "square", "small", "large", "left", "of", "a", "the"]
 
 
+ATTRIBUTES = {"colour": ["red", "green", "blue", "yellow", "purple", "orange"],
+              "shape": ["circle", "square", "triangle", "diamond", "cross"], "size": ["small", "large"]}
+
+
 def build_shards(
     out: Path,
     counts: dict[str, int] | None = None,
@@ -23,14 +27,16 @@ def build_shards(
     bad: dict[str, list[int]] | None = None,
     captions: int = 1,
 ) -> Path:
-    """Shards with png (16x16 RGB), wav (0.1-0.5 s), txt and cls per sample; with ``captions`` > 1
-    every sample also holds that many captions in ``captions.json`` (the first is its ``txt``).
+    """Shards with png (16x16 RGB), wav (0.1-0.5 s), txt, cls and json (scene annotations: 1-3 objects
+    with the demo shapes' attributes, :data:`ATTRIBUTES`) per sample; with ``captions`` > 1 every sample
+    also holds that many captions in ``captions.json`` (the first is its ``txt``).
 
     ``bad`` maps a kind (``image``, ``audio``, ``text``, ``label``) to train indices to corrupt.
     """
     counts = counts or {"train": 20, "val": 12, "test": 8}
     bad = bad or {}
     rng = np.random.default_rng(seed)
+    scene_rng = np.random.default_rng(seed + 1)  # its own stream: the other members stay as they were
     splits = {}
     for split, n in counts.items():
         with ShardSink(out, split, max_count=per_shard) as sink:
@@ -45,6 +51,10 @@ def build_shards(
                     "wav": encode_wav(wave, sample_rate),
                     "txt": text,
                     "cls": str(label),
+                    "json": json.dumps({"objects": [
+                        {"x": float(scene_rng.uniform(0, 16)), "y": float(scene_rng.uniform(0, 16)),
+                         **{k: str(scene_rng.choice(v)) for k, v in ATTRIBUTES.items()}}
+                        for _ in range(int(scene_rng.integers(1, 4)))]}),
                 }
                 if captions > 1:
                     more = [" ".join(rng.choice(WORDS, size=int(rng.integers(2, 7)))) for _ in range(captions - 1)]
@@ -63,7 +73,8 @@ def build_shards(
     write_info(
         out,
         make_info(splits, ["image", "audio", "text", "label"], classes=[f"c{k}" for k in range(num_classes)],
-                  sample_rate=sample_rate, source="tests"),
+                  sample_rate=sample_rate, source="tests", attributes=ATTRIBUTES,
+                  heldout_combinations=[{"shape": "circle", "colour": "red"}]),
     )
     return out
 

@@ -33,6 +33,9 @@ def test_config_fits_tests_and_predicts(name: str, shard_dir: Path, tokenizer_ru
     report = json.loads(max(run.rglob("test_metrics.json"), key=lambda p: p.stat().st_mtime).read_text())
     for task in heads:
         assert any(k.startswith(f"test/{task}/") for k in report), (task, sorted(report))
+        if heads[task]["init_args"].get("scene_attributes"):  # caption -> image, judged object by object
+            for prefix in ("scene", "scene_real", "scene_codec"):
+                assert 0.0 <= report[f"test/{task}/{prefix}/all_captions/all"] <= 1.0, sorted(report)
     main(["predict", "--config", str(path), f"--ckpt_path={ckpt}"])
     for task in heads:
         jsonl = next(run.rglob(f"predictions/{task}.jsonl"))

@@ -410,3 +410,20 @@ def test_default_sets_generate_within_a_minute(request, tmp_path: Path) -> None:
     for name in DEMO_SETS:
         demo_root(name, tmp_path)
     assert time.perf_counter() - start < 60
+
+
+def test_shapes_hold_combinations_out_of_training(tiny) -> None:
+    """No training object has a held-out (shape, colour); the evaluation splits do, and info.json says
+    which, with the attribute vocabularies the scene annotations use."""
+    root = tiny("shapes")
+    info = read_info(root)
+    held = {(c["shape"], c["colour"]) for c in info["heldout_combinations"]}
+    assert held == {(c["shape"], c["colour"]) for c in demo.HELDOUT_COMBINATIONS} and len(held) == 5
+    assert info["attributes"]["shape"] == list(demo.SHAPES) and info["heldout_from"] == "train"
+    found = {}
+    for split, entry in info["splits"].items():
+        pairs = [(o["shape"], o["colour"]) for s in read_split(root, entry["shards"])
+                 for o in json.loads(s["json"])["objects"]]
+        assert all(o in info["attributes"]["colour"] for _, o in pairs)
+        found[split] = held & set(pairs)
+    assert not found["train"] and found["val"] | found["test"], found

@@ -14,6 +14,13 @@ caption, the label of the sample the caption came from: the shape of the describ
 object on the demo shapes), ``fid_cls`` = FID between real validation data and samples in the
 judge's feature space, and ``fid_cls_floor`` = the same between real training and real validation
 data, so the gap is visible. Computed every ``eval_every_n`` validations on ``eval_samples`` samples.
+
+Caption -> image with scene annotations (``scene_attributes``, data key ``objects``): a
+:class:`tasks.scene_judge.SceneJudge`, trained the same way, reads every object back from each
+generated image and scores it against the objects the caption described, GenEval-style
+(``scene/<group>/<score>``: count, each attribute, relation, all at once; per 1/2/3-object captions
+and seen/unseen attribute combinations); the same judge on the real validation images
+(``scene_real/...``, its ceiling) and on them through the codec (``scene_codec/...``, the tokenizer's).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from tasks.heads.labels import ClassNames
 from tasks.heads.vocab import TextVocabulary
 from tasks.judge import JudgeNet
 from tasks.metrics import update_fp32
+from tasks.scene_judge import SceneJudge, SceneScores, unseen_mask
 
 CONDITIONS = ("label", "text", "none")
 
@@ -51,6 +59,10 @@ class GenerationHead(Head):
     judge: train the judge network (needs ``label`` in the data); judge_width / judge_weight its size and loss weight.
     num_media: generated samples written to TensorBoard per evaluation.
     floor_samples: real training inputs kept (a reservoir) for the ``fid_cls_floor``.
+    scene_attributes: images with scene annotations: ``{attribute: number of values}`` in the order of
+        the data's ``info.json`` ``attributes`` (names checked at setup); trains the scene judge
+        (an attribute named ``colour`` or ``color`` is read by its colour pathway).
+    scene_width / scene_threshold: the scene judge's width and detection threshold.
     """
 
     def __init__(
@@ -72,6 +84,9 @@ class GenerationHead(Head):
         judge_weight: float = 1.0,
         num_media: int = 16,
         floor_samples: int = 500,
+        scene_attributes: dict[str, int] | None = None,
+        scene_width: int = 32,
+        scene_threshold: float = 0.5,
     ) -> None:
         super().__init__()
         modality_keys = check_modality(modality, "generation")
@@ -96,12 +111,22 @@ class GenerationHead(Head):
             keys.append("label")
         if condition == "text":
             keys += ["text_ids", "text_lengths"]
+        if scene_attributes:
+            if modality != "image":
+                raise ValueError("generation head: scene_attributes (the scene judge) is for images")
+            keys.append("objects")
         self.required_keys = tuple(keys)
         self.backbone_modalities = (modality,)
         self.judge = JudgeNet(3 if modality == "image" else 1, num_classes, judge_width) if judge else None
         # kept in the checkpoint, bound at setup: what a class is called, and the captions' tokenizer
         self.class_names = ClassNames(num_classes) if num_classes else None
         self.text_vocab = TextVocabulary("sentencepiece", size=1 << 30) if condition == "text" else None
+        self.scene_attributes = dict(scene_attributes or {})
+        self.scene_threshold = scene_threshold
+        colour = [j for j, name in enumerate(self.scene_attributes) if name in ("colour", "color")]
+        self.scene_judge = (SceneJudge(3, list(self.scene_attributes.values()), scene_width,
+                                       colour_index=colour[0] if colour else None) if scene_attributes else None)
+        self._heldout: list[dict[int, int]] = []  # held-out combinations as {attribute column: value}
         self.register_buffer("scale_measured", torch.tensor(False))
         self._floor: list[Tensor] = []  # reservoir of real training judge inputs (not checkpointed)
         self._seen = 0
@@ -132,6 +157,18 @@ class GenerationHead(Head):
             self.class_names.bind(getattr(data, "classes", None), task)
         if self.text_vocab is not None:
             self.text_vocab.bind(getattr(data, "tokenizer", None), task, follow_max_length=True, required=False)
+        if self.scene_judge is not None:
+            self._bind_attributes(getattr(data, "attributes", None) or {}, task,
+                                  getattr(data, "heldout_combinations", None) or [])
+
+    def _bind_attributes(self, attributes: dict[str, list[str]], task: str, heldout: list[dict[str, str]]) -> None:
+        """The data's attributes must be the head's, in order and size; held-out combinations -> indices."""
+        have = {k: len(v) for k, v in attributes.items()}
+        if list(have.items()) != list(self.scene_attributes.items()):
+            raise ValueError(f"head {task!r}: scene_attributes={self.scene_attributes} but the data's info.json "
+                             f"attributes have {have or 'none'} (names and value counts, in order)")
+        names = list(attributes)
+        self._heldout = [{names.index(k): attributes[k].index(v) for k, v in combo.items()} for combo in heldout]
 
     # ------------------------------------------------------------------ pieces
     def _latents(self, backbone: Backbone, batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
@@ -141,8 +178,9 @@ class GenerationHead(Head):
         return x0, torch.arange(x0.shape[1], device=x0.device)[None, :] < lengths[:, None]
 
     def latent_request(self, backbone: Backbone) -> tuple[str, tuple[str, ...]] | None:
-        """The codes of the modality it generates; the raw modality too when the judge trains on it."""
-        return self.modality, ((self.modality,) if self.judge is not None else ())
+        """The codes of the modality it generates; the raw modality too when a judge trains on it."""
+        raw = self.judge is not None or self.scene_judge is not None
+        return self.modality, ((self.modality,) if raw else ())
 
     def _model_kwargs(self, backbone: Backbone, batch_size: int, y: Tensor | None = None,
                       text_ids: Tensor | None = None, text_lengths: Tensor | None = None) -> dict[str, Any]:
@@ -196,6 +234,10 @@ class GenerationHead(Head):
             logs["judge/acc"] = (logits.argmax(-1) == batch["label"]).float().mean()
             if self.training:
                 self._remember_real(real)
+        if self.scene_judge is not None:
+            scene_loss, scene_logs = self.scene_judge.loss(batch["image"].detach(), batch["objects"])
+            loss = loss + self.judge_weight * scene_loss
+            logs.update({f"scene_judge/{k}": v for k, v in scene_logs.items()})
         return loss, logs
 
     def _remember_real(self, real: Tensor) -> None:
@@ -247,7 +289,14 @@ class GenerationHead(Head):
             metrics["gen_acc"] = MulticlassAccuracy(self.num_classes, average="micro")
             metrics["fid_cls"] = FrechetInceptionDistance(feature=self.judge, reset_real_features=True)
             metrics["fid_cls_floor"] = FrechetInceptionDistance(feature=self.judge, reset_real_features=True)
+        if self.scene_judge is not None:
+            for prefix in ("scene", "scene_real", "scene_codec"):
+                metrics[prefix] = SceneScores(list(self.scene_attributes), prefix=prefix)
         return MetricCollection(metrics, compute_groups=False)
+
+    def _score_scenes(self, metric: SceneScores, images: Tensor, objects: Tensor) -> None:
+        found = self.scene_judge.detect(images.float(), self.scene_threshold)
+        metric.update(found, objects, unseen_mask(objects, self._heldout))
 
     def reset_evaluation(self, active: bool = True) -> None:
         self._conditions = []
@@ -263,10 +312,17 @@ class GenerationHead(Head):
             if self._due:  # the judge's features inside FID in float32 too
                 update_fp32(metrics["fid_cls"], real, real=True)
                 update_fp32(metrics["fid_cls_floor"], real, real=True)
+        if self.scene_judge is not None:
+            self._score_scenes(metrics["scene_real"], batch["image"], batch["objects"])
+            x0, _ = self._latents(backbone, batch)  # the real images through the tokenizer
+            decoded = backbone.decode("image", backbone.snap_to_codebook(x0)).clamp(-1.0, 1.0)
+            self._score_scenes(metrics["scene_codec"], decoded, batch["objects"])
         if self._due and sum(len(c["y"] if "y" in c else c.get("text_ids", [])) for c in self._conditions) < self.eval_samples:
             cond = {k: v for k, v in self._batch_conditions(batch).items()}
             if self.condition == "text" and "label" in batch:
                 cond["y"] = batch["label"]
+            if self.scene_judge is not None:
+                cond["objects"] = batch["objects"]
             self._conditions.append(cond)
         return {"loss": loss.detach()}
 
@@ -277,6 +333,7 @@ class GenerationHead(Head):
         device = backbone.quantizer.codebook.device
         generator = torch.Generator(device=device).manual_seed(seed)
         targets, texts, lengths = self._eval_targets(device)
+        objects = torch.cat([c["objects"] for c in self._conditions])[: len(targets)] if self.scene_judge else None
         samples = []
         for start in range(0, len(targets), self.eval_batch):
             sl = slice(start, start + self.eval_batch)
@@ -287,6 +344,8 @@ class GenerationHead(Head):
                                       generator=generator)
             update_fp32(metrics["gen_acc"], self.judge.classify(judged), targets[sl])
             update_fp32(metrics["fid_cls"], judged, real=False)
+            if objects is not None:
+                self._score_scenes(metrics["scene"], judged, objects[sl].to(device))
             samples.append(judged[: self.num_media] if not samples else judged[:0])
         self.last_samples = torch.cat(samples)[: self.num_media]
         if len(self._floor) > 1:
