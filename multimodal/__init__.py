@@ -11,8 +11,9 @@ from .dit import DiffusionTransformer
 from .fsq import FSQ
 from .image_codec import ImageCodec
 from .quantizer import VectorQuantizer
+from .vocoder import Vocoder
 
 __all__ = [
     "AudioCodec", "Backbone", "DiffusionTransformer", "FSQ", "GaussianDiffusion", "ImageCodec", "Tokens",
-    "VectorQuantizer", "load_backbone",
+    "VectorQuantizer", "Vocoder", "load_backbone",
 ]

@@ -40,6 +40,9 @@ class Backbone(nn.Module):
         from a stage-1 checkpoint file or run folder (its newest last.ckpt).
     freeze_tokenizer: keep codecs and quantizer frozen (no gradient, always in eval mode), as
         stage 2 wants; default: frozen when they come from ``tokenizer_ckpt``.
+    vocoder_ckpt: a vocoder run (``configs/vocoder.yaml``; checkpoint file or run folder): its learned
+        vocoder turns decoded log-mel into waveforms (:meth:`to_audio`), frozen; refused when it was
+        trained for another mel layout than the audio codec's. Without it: Griffin-Lim.
     """
 
     MODALITIES = ("image", "audio")
@@ -51,6 +54,7 @@ class Backbone(nn.Module):
         trunk: nn.Module | None = None,
         tokenizer_ckpt: str | None = None,
         freeze_tokenizer: bool | None = None,
+        vocoder_ckpt: str | None = None,
     ) -> None:
         super().__init__()
         state = None
@@ -92,14 +96,38 @@ class Backbone(nn.Module):
         if self.freeze_tokenizer:
             self.quantizer.requires_grad_(False)
             self.codecs.requires_grad_(False)
-            self.train(self.training)
+        self.vocoder: nn.Module | None = None
+        self.vocoder_source: str | None = None
+        if vocoder_ckpt is not None:
+            from .vocoder import load_vocoder
+
+            self.vocoder, self.vocoder_source = load_vocoder(vocoder_ckpt)
+            self.vocoder.check_layout(self.codec("audio").frontend, "the backbone's audio codec")
+            self.vocoder.requires_grad_(False)
+        self.train(self.training)
 
     def train(self, mode: bool = True) -> Backbone:
         super().train(mode)
         if getattr(self, "freeze_tokenizer", False):
             self.quantizer.eval()
             self.codecs.eval()
+        if getattr(self, "vocoder", None) is not None:
+            self.vocoder.eval()
         return self
+
+    @torch.no_grad()
+    def to_audio(self, log_mel: Tensor, generator: torch.Generator | None = None, method: str | None = None) -> Tensor:
+        """Decoded log-mel [B, n_mels, F] -> waveform [B, F * hop]: the learned vocoder when there is one
+        (``vocoder_ckpt``), else Griffin-Lim (``generator`` seeds its random phases); ``method``
+        (``vocoder`` or ``griffin_lim``) forces one."""
+        method = method or ("vocoder" if self.vocoder is not None else "griffin_lim")
+        if method == "vocoder":
+            if self.vocoder is None:
+                raise ValueError("no learned vocoder: set model.backbone.vocoder_ckpt (a configs/vocoder.yaml run)")
+            return self.vocoder(log_mel.float())
+        if method != "griffin_lim":
+            raise ValueError(f"to_audio: method must be vocoder or griffin_lim, got {method!r}")
+        return self.codec("audio").to_audio(log_mel, generator=generator)
 
     @property
     def num_codes(self) -> int:
@@ -176,8 +204,8 @@ class Backbone(nn.Module):
 
     @torch.no_grad()
     def decode_codes(self, modality: str, codes: Tensor, lengths: Tensor | None = None) -> Tensor:
-        """codes [B, N] -> image [B, C, H, W] in [-1, 1], or waveform [B, T] (Griffin-Lim) for audio."""
+        """codes [B, N] -> image [B, C, H, W] in [-1, 1], or waveform [B, T] (:meth:`to_audio`) for audio."""
         out = self.decode(modality, self.quantizer.lookup(codes), lengths)
         if modality == "audio":
-            return self.codec("audio").to_audio(out)
+            return self.to_audio(out)
         return out.clamp(-1.0, 1.0)

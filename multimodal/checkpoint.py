@@ -139,5 +139,8 @@ def load_backbone(path: str | os.PathLike, map_location: str | torch.device = "c
             f"{path} references its frozen tokenizer {reference['path']} (fingerprints {reference['fingerprints']}) "
             f"instead of storing it, and that file is gone ({err})") from err
     state = {**tokenizer_state(checkpoint, backbone), **backbone_state(checkpoint)}
+    # a learned vocoder is read from its own file (backbone.vocoder_ckpt), never from a stage-2 checkpoint
+    state = {k: v for k, v in state.items() if not k.startswith("vocoder.")}
+    state.update({k: v for k, v in backbone.state_dict().items() if k.startswith("vocoder.")})
     backbone.load_state_dict(state, strict=True)
     return backbone.eval() if eval_mode else backbone

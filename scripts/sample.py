@@ -7,13 +7,22 @@
 
 Every sample is written as ``<class-or-caption-index>_<i>.png`` (or ``.wav``): the class id, or the
 caption's line number (from 0) in the captions file; plus one ``grid.png`` (a row per class or
-caption; for audio, of log-mel spectrograms). Same seed, same files. The checkpoint's EMA weights
-are used when the run had the EMA callback (Lightning saves the averaged weights as the model's).
+caption; for audio, of log-mel spectrograms) and ``prompts.json`` (index -> the class name or
+caption each file was generated for). Same seed, same files. The checkpoint's EMA weights are used
+when the run had the EMA callback (Lightning saves the averaged weights as the model's).
+
+Classes are ids or names (``--classes left 3``); an unknown name or an id outside the class table is
+an error naming the classes. A caption longer than the model's condition length (the run's
+``data.text_max_length``) is truncated, and the count is printed; an empty line of the captions file
+is the null condition (unconditional samples), said so for that line. Audio is turned into
+waveforms by the run's learned vocoder (``backbone.vocoder_ckpt``), ``--vocoder RUN`` (another
+``configs/vocoder.yaml`` run), or Griffin-Lim (``--griffin-lim``, or when there is no vocoder).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -43,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=None, help="the generation head to use when the model has several")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="sentencepiece model for captions (default: the one of the run's data config)")
+    p.add_argument("--vocoder", default=None, help="a configs/vocoder.yaml run: its vocoder makes the waveforms")
+    p.add_argument("--griffin-lim", action="store_true", help="waveforms by Griffin-Lim even when there is a vocoder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -75,30 +86,51 @@ def main(argv: list[str] | None = None) -> int:
     head = heads[task]
     if args.sampler:
         head.sampler = args.sampler
+    if args.vocoder:
+        from multimodal.vocoder import load_vocoder
+
+        vocoder, source = load_vocoder(args.vocoder)
+        vocoder.check_layout(model.backbone.codec("audio").frontend, f"{ckpt}'s audio codec")
+        model.backbone.vocoder, model.backbone.vocoder_source = vocoder.to(args.device).eval(), source
+    method = "griffin_lim" if args.griffin_lim or model.backbone.vocoder is None else "vocoder"
 
     groups: list[tuple[int, dict]] = []
+    prompts: dict[int, str] = {}
     if head.condition == "text":
         if args.captions_file is None:
             raise SystemExit(f"head {task!r} is caption-conditional: pass --captions-file")
-        tok = TextTokenizer(args.tokenizer or _run_tokenizer(ckpt))
-        captions = [c.strip() for c in args.captions_file.read_text(encoding="utf-8").splitlines() if c.strip()]
-        for i, caption in enumerate(captions):
-            ids, _ = tok.encode(caption)
+        max_length = head.text_vocab.max_length if head.text_vocab is not None else 64
+        tok = TextTokenizer(args.tokenizer or _run_tokenizer(ckpt), max_length)
+        lines = args.captions_file.read_text(encoding="utf-8").splitlines()
+        while lines and not lines[-1].strip():
+            lines.pop()  # the file's last newline(s), not empty captions
+        truncated = 0
+        for i, caption in enumerate(c.strip() for c in lines):
+            if not caption:
+                print(f"caption {i} is empty: its samples come from the null condition (unconditional)")
+                ids = torch.zeros(1, dtype=torch.long)  # one padding id, masked out: no condition token
+                length = 0
+            else:
+                ids, cut = tok.encode(caption)
+                truncated += int(cut)
+                length = len(ids)
+            prompts[i] = caption
             groups.append((i, {"text_ids": ids[None].repeat(args.per_class, 1).to(args.device),
-                               "text_lengths": torch.full((args.per_class,), len(ids), device=args.device)}))
+                               "text_lengths": torch.full((args.per_class,), length, device=args.device)}))
+        if truncated:
+            print(f"{truncated} of {len(lines)} captions are longer than the model's condition length "
+                  f"({max_length - 2} tokens) and were truncated")
     elif head.condition == "label":
         if not args.classes:
             raise SystemExit(f"head {task!r} is class-conditional: pass --classes")
         if args.classes == ["all"]:
             args.classes = list(range(head.num_classes))
-        try:
-            args.classes = [int(c) for c in args.classes]
-        except ValueError:
-            raise SystemExit(f"--classes takes class ids or 'all', got {args.classes}") from None
-        bad = [c for c in args.classes if not 0 <= c < head.num_classes]
-        if bad:
-            raise SystemExit(f"--classes {bad} outside [0, {head.num_classes})")
+        try:  # ids or names; ClassNames.index names the classes when one is unknown or out of range
+            args.classes = [head.class_names.index(c) for c in args.classes]
+        except ValueError as err:
+            raise SystemExit(f"--classes: {err}") from None
         groups = [(c, {"y": torch.full((args.per_class,), c, device=args.device)}) for c in args.classes]
+        prompts.update({c: head.class_names.names[c] for c in args.classes})
     else:
         groups = [(0, {"num": args.per_class})]
 
@@ -109,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         generator = torch.Generator(device=args.device).manual_seed(args.seed * 100_003 + index)
         with torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=dtype is not None):
             samples, judged = head.generate(model.backbone, generator=generator, steps=args.steps,
-                                            guidance=args.guidance, num=args.per_class, **cond)
+                                            guidance=args.guidance, num=args.per_class, waveform=method, **cond)
         samples, judged = samples.float(), judged.float()
         if head.modality == "image":
             arrays = _to_uint8(samples)
@@ -125,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(np.concatenate(list((mels.flip(1) * 255).to(torch.uint8).cpu().numpy()), axis=1))
     grid = np.concatenate(rows, axis=0)
     Image.fromarray(grid).save(args.out / "grid.png")
-    print(f"wrote {sum(1 for _ in args.out.iterdir()) - 1} samples and grid.png to {args.out}")
+    (args.out / "prompts.json").write_text(json.dumps({str(k): v for k, v in prompts.items()}, indent=1))
+    how = f" (waveforms by {method.replace('_', '-')})" if head.modality == "audio" else ""
+    print(f"wrote {len(groups) * args.per_class} samples, grid.png and prompts.json to {args.out}{how}")
     return 0
 
 

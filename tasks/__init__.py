@@ -1,9 +1,17 @@
 """LightningModules and task heads; imports ``multimodal`` only."""
 
 from .discriminator import PatchDiscriminator
-from .heads import CaptioningHead, ClassificationHead, GenerationHead, Head, ReconstructionHead, SpeechHead
+from .heads import (
+           CaptioningHead,
+           ClassificationHead,
+           GenerationHead,
+           Head,
+           ReconstructionHead,
+           SpeechHead,
+           VocoderHead,
+)
 from .judge import JudgeNet
 from .module import MultiTaskModule
 
 __all__ = ["MultiTaskModule", "Head", "GenerationHead", "JudgeNet", "ReconstructionHead", "PatchDiscriminator",
-           "ClassificationHead", "SpeechHead", "CaptioningHead"]
+           "ClassificationHead", "SpeechHead", "CaptioningHead", "VocoderHead"]

@@ -6,6 +6,9 @@
   its weights from ``state_dict`` (and EMA's ``current_model_state``) and writes the file it came from
   and its fingerprints (``tokenizer_reference``); every load puts the weights back after checking
   them (``multimodal.checkpoint.tokenizer_state``);
+* a learned vocoder from ``backbone.vocoder_ckpt`` is frozen and always read from that file: saving
+  drops its weights (writing ``vocoder_reference``, the file), loading puts the model's own back, so
+  any stage-2 checkpoint can be tested or sampled with or without a vocoder;
 * loading a checkpoint whose shapes do not fit the model names the setting before any weight is copied.
 """
 
@@ -22,6 +25,7 @@ log = logging.getLogger(__name__)
 
 STATE_KEYS = ("state_dict", "current_model_state")  # the model's weights and, under EMA, its raw weights
 TOKENIZER_PREFIXES = ("backbone.codecs.", "backbone.quantizer.")
+VOCODER_PREFIX = "backbone.vocoder."
 
 
 class CheckpointWeights:
@@ -68,17 +72,28 @@ class CheckpointWeights:
         ``backbone.tokenizer_ckpt`` named, referenced with its fingerprints (``tokenizer_reference``) and
         put back on load after a check (``multimodal.checkpoint.tokenizer_state``)."""
         reference = self._tokenizer_reference()
-        if reference is None:
-            return
+        vocoder = getattr(self.backbone, "vocoder_source", None)
+        prefixes = (TOKENIZER_PREFIXES if reference is not None else ()) + ((VOCODER_PREFIX,) if vocoder else ())
         for key in STATE_KEYS:
             state = checkpoint.get(key)
             if isinstance(state, dict):
-                for name in [k for k in state if k.startswith(TOKENIZER_PREFIXES)]:
+                for name in [k for k in state if k.startswith(prefixes)] if prefixes else []:
                     del state[name]
-        checkpoint["tokenizer_reference"] = reference
+        if reference is not None:
+            checkpoint["tokenizer_reference"] = reference
+        if vocoder:
+            checkpoint["vocoder_reference"] = {"path": vocoder}
 
     def fill_tokenizer(self, checkpoint: dict[str, Any], keys: tuple[str, ...] = STATE_KEYS) -> None:
-        """Put a referenced tokenizer's weights back into the checkpoint's state dicts (see above)."""
+        """Put a referenced tokenizer's weights, and the model's own vocoder, back into the checkpoint's
+        state dicts (see above)."""
+        own_vocoder = {k: v for k, v in self.state_dict().items() if k.startswith(VOCODER_PREFIX)}
+        for key in keys:
+            state = checkpoint.get(key)
+            if isinstance(state, dict) and own_vocoder:
+                for name in [k for k in state if k.startswith(VOCODER_PREFIX)]:
+                    del state[name]  # the vocoder is the file model.backbone.vocoder_ckpt names now
+                state.update(own_vocoder)
         if not checkpoint.get("tokenizer_reference"):
             return
         weights = {f"backbone.{k}": v for k, v in tokenizer_state(checkpoint, self.backbone).items()}

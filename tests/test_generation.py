@@ -121,6 +121,13 @@ def test_sample_script_writes_files_deterministically(shard_dir: Path, tokenizer
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "sample.py"), "--ckpt", str(ckpt), "--out",
                            str(tmp_path / "bad"), "--classes", "0", "--steps", "0"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode != 0 and "steps" in proc.stderr
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "sample.py"), "--ckpt", str(ckpt), "--out",
+                           str(tmp_path / "bad"), "--classes", "0", "7", "--steps", "1"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and "class id 7 is outside [0, 3)" in proc.stderr, proc.stderr[-500:]
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "sample.py"), "--ckpt", str(ckpt), "--out",
+                           str(tmp_path / "named"), "--classes", "c2", "--per-class", "1", "--steps", "1"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0 and json.loads((tmp_path / "named" / "prompts.json").read_text()) == {"2": "c2"}
     # the evaluation script reports gen_acc / fid_cls / floor per guidance
     report = tmp_path / "eval.json"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate_generation.py"), "--ckpt", str(ckpt),
@@ -135,6 +142,23 @@ def test_sample_script_writes_files_deterministically(shard_dir: Path, tokenizer
                            "--guidance", "2", "--samples", "4", "--steps", "2", "--floor-samples", "4",
                            "--weights", "raw"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0 and "guidance  2.0: gen_acc" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_sample_script_says_what_it_did_with_empty_and_long_captions(shard_dir: Path, tokenizer_run: Path,
+                                                                     tmp_path: Path) -> None:
+    path = tmp_path / "gen.yaml"
+    path.write_text(yaml.safe_dump(_tiny_generation_config("generation_shapes.yaml", shard_dir, tokenizer_run, tmp_path / "run")))
+    main(["fit", "--config", str(path)])
+    captions = tmp_path / "captions.txt"
+    captions.write_text("alpha beta\n\n" + " ".join(["gamma delta"] * 80) + "\n\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "sample.py"), "--ckpt", str(tmp_path / "run"),
+                           "--out", str(tmp_path / "out"), "--captions-file", str(captions), "--per-class", "1",
+                           "--steps", "1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "caption 1 is empty: its samples come from the null condition (unconditional)" in proc.stdout
+    assert "1 of 3 captions are longer than the model's condition length" in proc.stdout, proc.stdout
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["0_0.png", "1_0.png", "2_0.png", "grid.png"]
+    assert json.loads((tmp_path / "out" / "prompts.json").read_text())["1"] == ""
 
 
 def test_diffusion_default_is_gaussian() -> None:

@@ -28,6 +28,7 @@ SHRINK: dict[str, dict[str, Any]] = {
     "multimodal.AudioCodec": {"preset": "tiny", "code_dim": CODE_DIM},
     "multimodal.DiffusionTransformer": {"preset": "tiny", "in_dim": CODE_DIM},
     "tasks.GenerationHead": {"sample_steps": 2, "eval_samples": 4, "audio_tokens": 5},
+    "multimodal.Vocoder": {"width": 16, "depth": 1},
 }
 # arguments that are only replaced when the config sets them (a class's default stays otherwise)
 IF_SET: dict[str, Any] = {

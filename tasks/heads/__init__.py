@@ -6,5 +6,6 @@ from .classification import ClassificationHead
 from .generation import GenerationHead
 from .reconstruction import ReconstructionHead
 from .speech import SpeechHead
+from .vocoder import VocoderHead
 
-__all__ = ["Head", "GenerationHead", "ReconstructionHead", "ClassificationHead", "SpeechHead", "CaptioningHead"]
+__all__ = ["Head", "GenerationHead", "ReconstructionHead", "ClassificationHead", "SpeechHead", "CaptioningHead", "VocoderHead"]

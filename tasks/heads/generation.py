@@ -14,6 +14,20 @@ caption, the label of the sample the caption came from: the shape of the describ
 object on the demo shapes), ``fid_cls`` = FID between real validation data and samples in the
 judge's feature space, and ``fid_cls_floor`` = the same between real training and real validation
 data, so the gap is visible. Computed every ``eval_every_n`` validations on ``eval_samples`` samples.
+Every judge is also scored on the real validation data as the frozen tokenizer renders it
+(``judge_acc_codec``, ``wer_codec``, ``scene_codec/...``): the ceiling a generated sample, always
+a rendering, can reach.
+
+Audio is generated at a fixed length, ``audio_tokens`` (50 = 2 s at hop 160, r = 4): training clips
+are padded to it with the code of digital silence (and cut to it), so the trunk learns where speech
+ends instead of never seeing the tokens past a clip (a padding mask) and then having to fill them at
+sampling. ``data.audio_max_seconds`` should hold whole clips, or crops can cut off the word a class
+or transcript names.
+
+Text -> speech (``condition='text'`` on audio, ``transcriber=True``): a
+:class:`tasks.transcriber.Transcriber` (CTC, trained on the real clips, its loss never reaching the
+trunk) transcribes the generated clips; ``wer`` is its word error rate against the transcripts they
+were generated for, ``wer_real`` the same on the real validation clips (its ceiling).
 
 Caption -> image with scene annotations (``scene_attributes``, data key ``objects``): a
 :class:`tasks.scene_judge.SceneJudge`, trained the same way, reads every object back from each
@@ -31,23 +45,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 from multimodal.backbone import Backbone
 from multimodal.diffusion import GaussianDiffusion
+from multimodal.mel import LOG_SILENCE
 from tasks.heads.base import Head, check_modality, clean_latents
+from tasks.heads.generation_judges import Judged
 from tasks.heads.labels import ClassNames
 from tasks.heads.vocab import TextVocabulary
 from tasks.judge import JudgeNet
-from tasks.metrics import update_fp32
-from tasks.scene_judge import SceneJudge, SceneScores, unseen_mask
+from tasks.scene_judge import SceneJudge
+from tasks.transcriber import Transcriber
 
 CONDITIONS = ("label", "text", "none")
 
 
-class GenerationHead(Head):
+class GenerationHead(Judged, Head):
     """Args:
     modality: ``image`` or ``audio``.
     condition: ``label`` (class-conditional), ``text`` (caption-conditional) or ``none``.
@@ -63,6 +76,11 @@ class GenerationHead(Head):
         the data's ``info.json`` ``attributes`` (names checked at setup); trains the scene judge
         (an attribute named ``colour`` or ``color`` is read by its colour pathway).
     scene_width / scene_threshold: the scene judge's width and detection threshold.
+    transcriber: audio with transcripts (data key ``text``): train the CTC transcriber (``wer``).
+    judge_batch: the judges train on the first ``judge_batch`` real items of each batch (they learn
+        fast; the full batch would cost as much again as the trunk's step on a CPU).
+    judge_decoded: the judges also learn from those items as the frozen tokenizer renders them
+        (``tasks.heads.generation_judges``), so they read decoded samples as well as originals.
     """
 
     def __init__(
@@ -87,6 +105,9 @@ class GenerationHead(Head):
         scene_attributes: dict[str, int] | None = None,
         scene_width: int = 32,
         scene_threshold: float = 0.5,
+        transcriber: bool = False,
+        judge_batch: int = 16,
+        judge_decoded: bool = True,
     ) -> None:
         super().__init__()
         modality_keys = check_modality(modality, "generation")
@@ -106,6 +127,9 @@ class GenerationHead(Head):
         self.sample_steps, self.sampler, self.eta, self.guidance = sample_steps, sampler, eta, guidance
         self.eval_samples, self.eval_every_n, self.eval_batch = eval_samples, eval_every_n, eval_batch
         self.judge_weight, self.num_media, self.floor_samples = judge_weight, num_media, floor_samples
+        if judge_batch < 1:
+            raise ValueError(f"generation head: judge_batch must be >= 1, got {judge_batch}")
+        self.judge_batch, self.judge_decoded = judge_batch, judge_decoded
         keys = list(modality_keys)
         if condition == "label" or judge:
             keys.append("label")
@@ -115,12 +139,18 @@ class GenerationHead(Head):
             if modality != "image":
                 raise ValueError("generation head: scene_attributes (the scene judge) is for images")
             keys.append("objects")
+        if transcriber:
+            if modality != "audio":
+                raise ValueError("generation head: the transcriber is for audio")
+            keys += [k for k in ("text", "text_ids", "text_lengths") if k not in keys]
         self.required_keys = tuple(keys)
         self.backbone_modalities = (modality,)
         self.judge = JudgeNet(3 if modality == "image" else 1, num_classes, judge_width) if judge else None
         # kept in the checkpoint, bound at setup: what a class is called, and the captions' tokenizer
         self.class_names = ClassNames(num_classes) if num_classes else None
-        self.text_vocab = TextVocabulary("sentencepiece", size=1 << 30) if condition == "text" else None
+        self.text_vocab = TextVocabulary("sentencepiece", size=1 << 30) if condition == "text" or transcriber else None
+        self.use_transcriber = transcriber
+        self.transcriber: Transcriber | None = None  # built at attach: it needs the codec's mel bands
         self.scene_attributes = dict(scene_attributes or {})
         self.scene_threshold = scene_threshold
         colour = [j for j, name in enumerate(self.scene_attributes) if name in ("colour", "color")]
@@ -150,7 +180,11 @@ class GenerationHead(Head):
         if self.condition == "text" and not trunk.text_vocab_size:
             raise ValueError(f"head {task!r} conditions on text: set model.backbone.trunk.text_vocab_size (the data's vocabulary)")
         if self.text_vocab is not None:
+            if not trunk.text_vocab_size:
+                raise ValueError(f"head {task!r} transcribes text: set model.backbone.trunk.text_vocab_size (the data's vocabulary)")
             self.text_vocab.size = int(trunk.text_vocab_size)
+        if self.use_transcriber and self.transcriber is None:
+            self.transcriber = Transcriber(backbone.codec("audio").n_mels, int(trunk.text_vocab_size))
 
     def bind_data(self, data: Any, task: str) -> None:
         if self.class_names is not None:
@@ -161,21 +195,24 @@ class GenerationHead(Head):
             self._bind_attributes(getattr(data, "attributes", None) or {}, task,
                                   getattr(data, "heldout_combinations", None) or [])
 
-    def _bind_attributes(self, attributes: dict[str, list[str]], task: str, heldout: list[dict[str, str]]) -> None:
-        """The data's attributes must be the head's, in order and size; held-out combinations -> indices."""
-        have = {k: len(v) for k, v in attributes.items()}
-        if list(have.items()) != list(self.scene_attributes.items()):
-            raise ValueError(f"head {task!r}: scene_attributes={self.scene_attributes} but the data's info.json "
-                             f"attributes have {have or 'none'} (names and value counts, in order)")
-        names = list(attributes)
-        self._heldout = [{names.index(k): attributes[k].index(v) for k, v in combo.items()} for combo in heldout]
-
     # ------------------------------------------------------------------ pieces
-    def _latents(self, backbone: Backbone, batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+    def _latents(self, backbone: Backbone, batch: dict[str, Any]) -> tuple[Tensor, None]:
+        """Clean latents [B, N, D]; audio padded with silence (and cut) to ``audio_tokens``: no padding mask."""
         x0, lengths = clean_latents(backbone, batch, self.modality)
         if self.modality == "image":
             return x0, None
-        return x0, torch.arange(x0.shape[1], device=x0.device)[None, :] < lengths[:, None]
+        n = self.audio_tokens
+        silence = self._silence(backbone).to(x0.dtype)
+        x0 = torch.cat([x0, silence.expand(x0.shape[0], max(0, n - x0.shape[1]), -1)], dim=1)[:, :n]
+        real = torch.arange(n, device=x0.device)[None, :, None] < lengths[:, None, None]
+        return torch.where(real, x0, silence), None
+
+    @torch.no_grad()
+    def _silence(self, backbone: Backbone) -> Tensor:
+        """The code vector [D] the frozen tokenizer gives digital silence (a token away from the edges)."""
+        codec = backbone.codec("audio")
+        zeros = torch.zeros(1, 8 * codec.samples_per_token, device=backbone.quantizer.codebook.device)
+        return backbone.quantized_latents("audio", zeros)[0][0, 4]
 
     def latent_request(self, backbone: Backbone) -> tuple[str, tuple[str, ...]] | None:
         """The codes of the modality it generates; the raw modality too when a judge trains on it."""
@@ -212,7 +249,7 @@ class GenerationHead(Head):
     def _fixed_mel(self, mel: Tensor, codec: nn.Module) -> Tensor:
         frames = self.audio_tokens * codec.downsample
         if mel.shape[-1] < frames:
-            mel = F.pad(mel, (0, frames - mel.shape[-1]), value=float(mel.min()))
+            mel = F.pad(mel, (0, frames - mel.shape[-1]), value=LOG_SILENCE)  # what the codec gives silence
         return ((mel[..., :frames] + 5.0) / 4.0).unsqueeze(1)
 
     # ------------------------------------------------------------------ training
@@ -225,40 +262,20 @@ class GenerationHead(Head):
         loss, logs = self.diffusion.training_loss(backbone.trunk, x0, x_mask=mask, **kwargs)
         logs = {f"diffusion/{k}": v for k, v in logs.items()}
         logs["latent_scale"] = self.diffusion.latent_scale.detach()
-        if self.judge is not None:
-            real = self._judge_input(backbone, batch).detach()
-            logits = self.judge.classify(real)
-            judge_loss = F.cross_entropy(logits, batch["label"])
-            loss = loss + self.judge_weight * judge_loss
-            logs["judge/loss"] = judge_loss.detach()
-            logs["judge/acc"] = (logits.argmax(-1) == batch["label"]).float().mean()
-            if self.training:
-                self._remember_real(real)
-        if self.scene_judge is not None:
-            scene_loss, scene_logs = self.scene_judge.loss(batch["image"].detach(), batch["objects"])
-            loss = loss + self.judge_weight * scene_loss
-            logs.update({f"scene_judge/{k}": v for k, v in scene_logs.items()})
+        judges_loss, judges_logs = self.judges_loss(backbone, batch)
+        logs.update(judges_logs)
+        loss = loss + self.judge_weight * judges_loss
         return loss, logs
-
-    def _remember_real(self, real: Tensor) -> None:
-        """Reservoir sampling of real training inputs for the FID floor."""
-        for item in real.detach().cpu():
-            self._seen += 1
-            if len(self._floor) < self.floor_samples:
-                self._floor.append(item)
-            else:
-                j = int(torch.randint(self._seen, ()))
-                if j < self.floor_samples:
-                    self._floor[j] = item
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, backbone: Backbone, y: Tensor | None = None, text_ids: Tensor | None = None,
                  text_lengths: Tensor | None = None, num: int | None = None,
                  generator: torch.Generator | None = None, steps: int | None = None,
-                 guidance: float | None = None) -> tuple[Tensor, Tensor]:
+                 guidance: float | None = None, waveform: str | None = None) -> tuple[Tensor, Tensor]:
         """Samples for the given conditions -> (images [B, C, H, W] in [-1, 1] or waveforms [B, T],
-        what the judge sees [B, C, H, W]). ``num`` is the count for ``condition='none'``."""
+        what the judge sees [B, C, H, W]). ``num`` is the count for ``condition='none'``; ``waveform``
+        (``vocoder`` / ``griffin_lim``; default: the backbone's vocoder if any) makes audio samples."""
         device = backbone.quantizer.codebook.device
         batch = len(y) if y is not None else len(text_ids) if text_ids is not None else int(num or 1)
         if self.modality == "image":
@@ -279,89 +296,7 @@ class GenerationHead(Head):
             return images, images
         codec = backbone.codec("audio")
         mel = backbone.decode("audio", snapped)
-        return codec.to_audio(mel, generator=generator), self._fixed_mel(mel, codec)
-
-    # ------------------------------------------------------------------ evaluation
-    def build_metrics(self, backbone: Backbone) -> MetricCollection:
-        metrics: dict[str, Any] = {"diffusion_loss": MeanMetric()}
-        if self.judge is not None:
-            metrics["judge_acc_real"] = MulticlassAccuracy(self.num_classes, average="micro")
-            metrics["gen_acc"] = MulticlassAccuracy(self.num_classes, average="micro")
-            metrics["fid_cls"] = FrechetInceptionDistance(feature=self.judge, reset_real_features=True)
-            metrics["fid_cls_floor"] = FrechetInceptionDistance(feature=self.judge, reset_real_features=True)
-        if self.scene_judge is not None:
-            for prefix in ("scene", "scene_real", "scene_codec"):
-                metrics[prefix] = SceneScores(list(self.scene_attributes), prefix=prefix)
-        return MetricCollection(metrics, compute_groups=False)
-
-    def _score_scenes(self, metric: SceneScores, images: Tensor, objects: Tensor) -> None:
-        found = self.scene_judge.detect(images.float(), self.scene_threshold)
-        metric.update(found, objects, unseen_mask(objects, self._heldout))
-
-    def reset_evaluation(self, active: bool = True) -> None:
-        self._conditions = []
-        self._due = active and bool(self.eval_every_n) and self.eval_samples > 0 and self._evaluations % self.eval_every_n == 0
-        self._evaluations += int(active)
-
-    def evaluate(self, backbone: Backbone, batch: dict[str, Any], metrics: MetricCollection) -> dict[str, Tensor]:
-        loss, logs = self.loss(backbone, batch, step=-1)
-        update_fp32(metrics["diffusion_loss"], logs["diffusion/loss"])
-        if self.judge is not None:
-            real = self._judge_input(backbone, batch)
-            update_fp32(metrics["judge_acc_real"], self.judge.classify(real), batch["label"])
-            if self._due:  # the judge's features inside FID in float32 too
-                update_fp32(metrics["fid_cls"], real, real=True)
-                update_fp32(metrics["fid_cls_floor"], real, real=True)
-        if self.scene_judge is not None:
-            self._score_scenes(metrics["scene_real"], batch["image"], batch["objects"])
-            x0, _ = self._latents(backbone, batch)  # the real images through the tokenizer
-            decoded = backbone.decode("image", backbone.snap_to_codebook(x0)).clamp(-1.0, 1.0)
-            self._score_scenes(metrics["scene_codec"], decoded, batch["objects"])
-        if self._due and sum(len(c["y"] if "y" in c else c.get("text_ids", [])) for c in self._conditions) < self.eval_samples:
-            cond = {k: v for k, v in self._batch_conditions(batch).items()}
-            if self.condition == "text" and "label" in batch:
-                cond["y"] = batch["label"]
-            if self.scene_judge is not None:
-                cond["objects"] = batch["objects"]
-            self._conditions.append(cond)
-        return {"loss": loss.detach()}
-
-    def evaluate_end(self, backbone: Backbone, metrics: MetricCollection, seed: int = 0) -> None:
-        """Generate ``eval_samples`` samples and update gen_acc / fid_cls / fid_cls_floor."""
-        if not self._due or self.judge is None:
-            return
-        device = backbone.quantizer.codebook.device
-        generator = torch.Generator(device=device).manual_seed(seed)
-        targets, texts, lengths = self._eval_targets(device)
-        objects = torch.cat([c["objects"] for c in self._conditions])[: len(targets)] if self.scene_judge else None
-        samples = []
-        for start in range(0, len(targets), self.eval_batch):
-            sl = slice(start, start + self.eval_batch)
-            y = targets[sl] if self.condition == "label" else None
-            ids = texts[sl] if texts is not None else None
-            lens = lengths[sl] if lengths is not None else None
-            _, judged = self.generate(backbone, y=y, text_ids=ids, text_lengths=lens, num=len(targets[sl]),
-                                      generator=generator)
-            update_fp32(metrics["gen_acc"], self.judge.classify(judged), targets[sl])
-            update_fp32(metrics["fid_cls"], judged, real=False)
-            if objects is not None:
-                self._score_scenes(metrics["scene"], judged, objects[sl].to(device))
-            samples.append(judged[: self.num_media] if not samples else judged[:0])
-        self.last_samples = torch.cat(samples)[: self.num_media]
-        if len(self._floor) > 1:
-            update_fp32(metrics["fid_cls_floor"], torch.stack(self._floor).to(device), real=False)
-        else:  # no training data seen in this process (e.g. `lightning test` from a checkpoint)
-            metrics["fid_cls_floor"].reset()
-
-    def _eval_targets(self, device: torch.device) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        n = self.eval_samples
-        if self.condition == "label" or self.condition == "none":
-            return torch.arange(n, device=device) % self.num_classes, None, None
-        ys = torch.cat([c["y"] for c in self._conditions])[:n]
-        width = max(c["text_ids"].shape[1] for c in self._conditions)
-        ids = torch.cat([F.pad(c["text_ids"], (0, width - c["text_ids"].shape[1])) for c in self._conditions])[:n]
-        lens = torch.cat([c["text_lengths"] for c in self._conditions])[:n]
-        return ys, ids, lens
+        return backbone.to_audio(mel, generator=generator, method=waveform), self._fixed_mel(mel, codec)
 
     def predict(self, backbone: Backbone, batch: dict[str, Any]) -> list[dict[str, Any]]:
         """One sample per batch item, for its label or caption (seeded by the item's key)."""

@@ -176,7 +176,7 @@ class ReconstructionHead(Head):
         mels = torch.cat([target, rec], dim=-1)  # original | reconstruction, side by side
         mels = (mels - mels.amin()) / (mels.amax() - mels.amin()).clamp(min=1e-6)
         experiment.add_images(f"{tag}/log_mel_original_left_reconstruction_right", mels.unsqueeze(1).flip(2), step)
-        waves = codec.to_audio(rec)
+        waves = backbone.to_audio(rec)
         for i, (wave, length) in enumerate(zip(waves, sub["audio_lengths"])):
             experiment.add_audio(f"{tag}/clip{i}_reconstruction", wave[: int(length)].clamp(-1, 1).cpu(), step, codec.sample_rate)
             experiment.add_audio(f"{tag}/clip{i}_original", sub["audio"][i, : int(length)].cpu(), step, codec.sample_rate)

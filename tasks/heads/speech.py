@@ -120,6 +120,43 @@ def ctc_min_length(ids: list[int]) -> int:
 
 
 # ---------------------------------------------------------------------------------------- the head
+def ctc_targets(vocab: TextVocabulary, texts: list[str], lengths: Tensor) -> tuple[list[list[int]], dict[str, int]]:
+    """Texts -> CTC target ids (no BOS/EOS; truncated to ``vocab.max_length - 2``), and the counts of
+    truncated, empty and infeasible ones (those two get an empty target: dropped)."""
+    counts = {"empty_text": 0, "too_long_for_ctc": 0, "truncated": 0}
+    targets = []
+    for text, n in zip(texts, lengths.tolist()):
+        ids = vocab.ids(text)
+        if len(ids) > vocab.max_length - 2:
+            counts["truncated"] += 1
+            ids = ids[: vocab.max_length - 2]
+        if not ids:
+            counts["empty_text"] += 1
+        elif ctc_min_length(ids) > n:
+            counts["too_long_for_ctc"] += 1
+            ids = []
+        targets.append(ids)
+    return targets, counts
+
+
+def ctc_text_loss(log_probs: Tensor, lengths: Tensor, texts: list[str], vocab: TextVocabulary) -> tuple[Tensor, dict[str, Tensor]]:
+    """CTC (blank = pad id) of log-probabilities [B, T, V] with valid lengths [B] against ``texts``,
+    per target symbol, averaged over the samples with a feasible target; the skips counted in the logs."""
+    targets, counts = ctc_targets(vocab, texts, lengths)
+    device = log_probs.device
+    logs = {f"skipped/{k}": torch.tensor(float(counts[k]), device=device) for k in ("empty_text", "too_long_for_ctc")}
+    logs["truncated_text"] = torch.tensor(float(counts["truncated"]), device=device)
+    keep = [i for i, t in enumerate(targets) if t]
+    if not keep:
+        return log_probs.sum() * 0.0, logs  # keeps the graph (every rank runs the same backward)
+    index = torch.tensor(keep, device=device)
+    flat = torch.tensor([s for i in keep for s in targets[i]], dtype=torch.long, device=device)
+    target_lengths = torch.tensor([len(targets[i]) for i in keep], dtype=torch.long, device=device)
+    per_sample = F.ctc_loss(log_probs[index].transpose(0, 1), flat, lengths[index], target_lengths,
+                            blank=BLANK, reduction="none", zero_infinity=True)
+    return (per_sample / target_lengths.float()).mean(), logs
+
+
 class SpeechHead(Head):
     """Args:
     vocabulary: ``sentencepiece`` (the data's model, saved in the checkpoint) or ``chars``.
@@ -212,38 +249,8 @@ class SpeechHead(Head):
         logits = self.proj(self.norm(h)).float() + self.never
         return logits.log_softmax(dim=-1), lengths
 
-    def _targets(self, texts: list[str], lengths: Tensor) -> tuple[list[list[int]], dict[str, int]]:
-        """Texts -> target ids (no BOS/EOS; truncated to max_length - 2), and the counts of
-        truncated, empty and infeasible ones (those two get an empty target: dropped)."""
-        counts = {"empty_text": 0, "too_long_for_ctc": 0, "truncated": 0}
-        targets = []
-        for text, n in zip(texts, lengths.tolist()):
-            ids = self.vocab.ids(text)
-            if len(ids) > self.vocab.max_length - 2:
-                counts["truncated"] += 1
-                ids = ids[: self.vocab.max_length - 2]
-            if not ids:
-                counts["empty_text"] += 1
-            elif ctc_min_length(ids) > n:
-                counts["too_long_for_ctc"] += 1
-                ids = []
-            targets.append(ids)
-        return targets, counts
-
     def _ctc(self, log_probs: Tensor, lengths: Tensor, texts: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
-        targets, counts = self._targets(texts, lengths)
-        device = log_probs.device
-        logs = {f"skipped/{k}": torch.tensor(float(counts[k]), device=device) for k in ("empty_text", "too_long_for_ctc")}
-        logs["truncated_text"] = torch.tensor(float(counts["truncated"]), device=device)
-        keep = [i for i, t in enumerate(targets) if t]
-        if not keep:
-            return log_probs.sum() * 0.0, logs  # keeps the graph (every rank runs the same backward)
-        index = torch.tensor(keep, device=device)
-        flat = torch.tensor([s for i in keep for s in targets[i]], dtype=torch.long, device=device)
-        target_lengths = torch.tensor([len(targets[i]) for i in keep], dtype=torch.long, device=device)
-        per_sample = F.ctc_loss(log_probs[index].transpose(0, 1), flat, lengths[index], target_lengths,
-                                blank=BLANK, reduction="none", zero_infinity=True)
-        return (per_sample / target_lengths.float()).mean(), logs
+        return ctc_text_loss(log_probs, lengths, texts, self.vocab)
 
     def loss(self, backbone: Backbone, batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, Tensor]]:
         log_probs, lengths = self.log_probs(backbone, batch)
