@@ -3,14 +3,17 @@
     python scripts/vocoder_eval.py --vocoder runs/vocoder --judge runs/generation_audio \\
         --transcriber runs/generation_speech --threads 1 --out runs/vocoder_eval
 
-Every clip of the split (default ``test``; the data of the ``--transcriber`` run) is encoded by the
+Every clip of the split (default ``test``) of ``--demo`` (default ``spoken``) or ``--root`` (a shard folder
+with audio, transcripts and labels) is encoded by the
 vocoder run's frozen tokenizer, snapped to its codes, decoded to log-mel, and turned back into a
 waveform by the learned vocoder and by Griffin-Lim (the codec's 32 iterations). Measured for the
 original clips and for both resyntheses:
 
 * ``judge_acc``: the spoken-command judge of a generation run (``--judge``: its ``GenerationHead``'s
   judge, trained on real clips) on each clip's log-mel;
-* ``wer``: the CTC transcriber of a text -> speech run (``--transcriber``) against the transcripts;
+* ``wer``: a transcriber against the transcripts (``--transcriber``): the CTC transcriber of a text ->
+  speech run (``GenerationHead(transcriber=True)``, on log-mel) or a speech recognition run
+  (``configs/transcribe_spoken.yaml``'s ``SpeechHead``, which re-encodes the clip with its own tokenizer);
 * ``si_snr`` / ``si_sdr`` (torchmetrics) and ``mel_l1`` (log-mel of the result vs the original);
 * ``rtf``: seconds of compute per second of audio for log-mel -> waveform, on ``--threads`` threads
   (1 = one core), float32, after one warm-up batch.
@@ -30,8 +33,9 @@ import torch
 from torchmetrics.audio import ScaleInvariantSignalDistortionRatio, ScaleInvariantSignalNoiseRatio
 from torchmetrics.text import WordErrorRate
 
-from multimodal.checkpoint import resolve_checkpoint, run_datamodule
-from tasks import GenerationHead, MultiTaskModule, VocoderHead
+from datamodules import WebDataModule
+from multimodal.checkpoint import resolve_checkpoint
+from tasks import GenerationHead, MultiTaskModule, SpeechHead, VocoderHead
 
 METHODS = ("original", "vocoder", "griffin_lim")
 
@@ -51,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vocoder", required=True, help="a configs/vocoder.yaml run (folder or checkpoint)")
     p.add_argument("--judge", required=True, help="a generation run whose head has the command judge")
-    p.add_argument("--transcriber", required=True, help="a text -> speech run (its head has the transcriber); its data is used")
+    p.add_argument("--transcriber", required=True,
+                   help="a text -> speech run (its head has the transcriber) or a transcribe_spoken run; its data is used")
+    p.add_argument("--demo", default="spoken", help="a demo set (default spoken)")
+    p.add_argument("--root", default=None, help="a shard folder instead of --demo")
     p.add_argument("--split", default="test")
     p.add_argument("--max-clips", type=int, default=300)
     p.add_argument("--threads", type=int, default=1)
@@ -63,10 +70,20 @@ def main(argv: list[str] | None = None) -> int:
     vocoder_model, judge_model, transcriber_model = _load(args.vocoder), _load(args.judge), _load(args.transcriber)
     voc = _head(vocoder_model, VocoderHead)
     judge = _head(judge_model, GenerationHead, "judge")
-    asr = _head(transcriber_model, GenerationHead, "transcriber")
+    speech = [h for h in transcriber_model.heads.values() if isinstance(h, SpeechHead)]
+    asr = speech[0] if speech else _head(transcriber_model, GenerationHead, "transcriber")
+
+    def transcribe(batch: dict) -> list[str]:
+        if isinstance(asr, SpeechHead):
+            return asr.transcribe(transcriber_model.backbone, batch)
+        return asr.transcriber.transcribe(asr._judge_input(transcriber_model.backbone, batch), asr.text_vocab)
+
     backbone = vocoder_model.backbone
-    data = run_datamodule(resolve_checkpoint(args.transcriber), "test" if args.split == "test" else "validate")
-    loader = data.test_dataloader() if args.split == "test" else data.val_dataloader()
+    source = {"root": args.root} if args.root else {"demo": args.demo}
+    data = WebDataModule(**source, keys=["audio", "text", "label"], batch_size=16, test_split=args.split)
+    data.prepare_data()
+    data.setup("test")
+    loader = data.test_dataloader()
 
     scores = {m: {"judge": [], "wer": WordErrorRate(), "si_snr": ScaleInvariantSignalNoiseRatio(),
                   "si_sdr": ScaleInvariantSignalDistortionRatio(), "mel_l1": []} for m in METHODS}
@@ -96,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 b = {"audio": wave, "audio_lengths": lengths}
                 s = scores[method]
                 s["judge"] += (judge.judge.classify(judge._judge_input(judge_model.backbone, b)).argmax(-1) == batch["label"]).tolist()
-                s["wer"].update(asr.transcriber.transcribe(asr._judge_input(transcriber_model.backbone, b), asr.text_vocab), texts)
+                s["wer"].update(transcribe(b), [asr.reference(t) if isinstance(asr, SpeechHead) else t for t in texts])
                 for i, n in enumerate(lengths.tolist()):
                     s["si_snr"].update(wave[i, :n], target[i, :n])
                     s["si_sdr"].update(wave[i, :n], target[i, :n])
