@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from multimodal.audio_codec import LOG_MEL_CENTER, LOG_MEL_SCALE  # the codec's input normalisation, reused
 from multimodal.mel import MelSpectrogram
+
 MAX_MAGNITUDE = 100.0
 STFT_RESOLUTIONS = ((256, 64), (512, 128), (1024, 256))  # (n_fft, hop) of the multi-resolution loss
 
