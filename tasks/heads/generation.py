@@ -157,6 +157,7 @@ class GenerationHead(Judged, Head):
         self.scene_judge = (SceneJudge(3, list(self.scene_attributes.values()), scene_width,
                                        colour_index=colour[0] if colour else None) if scene_attributes else None)
         self._heldout: list[dict[int, int]] = []  # held-out combinations as {attribute column: value}
+        self._silence_code: Tensor | None = None  # derived from the tokenizer: not checkpointed
         self.register_buffer("scale_measured", torch.tensor(False))
         self._floor: list[Tensor] = []  # reservoir of real training judge inputs (not checkpointed)
         self._seen = 0
@@ -209,10 +210,15 @@ class GenerationHead(Judged, Head):
 
     @torch.no_grad()
     def _silence(self, backbone: Backbone) -> Tensor:
-        """The code vector [D] the frozen tokenizer gives digital silence (a token away from the edges)."""
+        """The code vector [D] the tokenizer gives digital silence (a token away from the edges); computed
+        once for a frozen tokenizer, not at every training step."""
+        device = backbone.quantizer.codebook.device
+        if self._silence_code is not None and backbone.freeze_tokenizer and self._silence_code.device == device:
+            return self._silence_code
         codec = backbone.codec("audio")
-        zeros = torch.zeros(1, 8 * codec.samples_per_token, device=backbone.quantizer.codebook.device)
-        return backbone.quantized_latents("audio", zeros)[0][0, 4]
+        zeros = torch.zeros(1, 8 * codec.samples_per_token, device=device)
+        self._silence_code = backbone.quantized_latents("audio", zeros)[0][0, 4]
+        return self._silence_code
 
     def latent_request(self, backbone: Backbone) -> tuple[str, tuple[str, ...]] | None:
         """The codes of the modality it generates; the raw modality too when a judge trains on it."""

@@ -125,8 +125,8 @@ class Judged:
         update_fp32(metrics["diffusion_loss"], logs["diffusion/loss"])
         judged = (self.judge, self.transcriber, self.scene_judge)
         decoded = self._decoded_input(backbone, batch) if any(j is not None for j in judged) else None
+        real = self._judge_input(backbone, batch) if self.judge is not None or self.transcriber is not None else None
         if self.judge is not None:
-            real = self._judge_input(backbone, batch)
             update_fp32(metrics["judge_acc_real"], self.judge.classify(real), batch["label"])
             update_fp32(metrics["judge_acc_codec"], self.judge.classify(decoded), batch["label"])
             if self._due:  # the judge's features inside FID in float32 too
@@ -134,7 +134,7 @@ class Judged:
                 update_fp32(metrics["fid_cls_floor"], real, real=True)
         if self.transcriber is not None:
             texts = [" ".join(t.split()) for t in batch["text"]]
-            metrics["wer_real"].update(self.transcriber.transcribe(self._judge_input(backbone, batch), self.text_vocab), texts)
+            metrics["wer_real"].update(self.transcriber.transcribe(real, self.text_vocab), texts)
             metrics["wer_codec"].update(self.transcriber.transcribe(decoded, self.text_vocab), texts)
         if self.scene_judge is not None:
             self._score_scenes(metrics["scene_real"], batch["image"], batch["objects"])
