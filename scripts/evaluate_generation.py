@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         floor = []
         for batch in data.train_dataloader():
-            floor.append(head._judge_input(backbone, batch))
+            floor.append(head.judge_input(backbone, batch))
             if sum(len(f) for f in floor) >= args.floor_samples:
                 break
         head._floor = list(torch.cat(floor)[: args.floor_samples])

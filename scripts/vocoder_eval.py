@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     def transcribe(batch: dict) -> list[str]:
         if isinstance(asr, SpeechHead):
             return asr.transcribe(transcriber_model.backbone, batch)
-        return asr.transcriber.transcribe(asr._judge_input(transcriber_model.backbone, batch), asr.text_vocab)
+        return asr.transcriber.transcribe(asr.judge_input(transcriber_model.backbone, batch), asr.text_vocab)
 
     backbone = vocoder_model.backbone
     source = {"root": args.root} if args.root else {"demo": args.demo}
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             if clips >= args.max_clips:
                 break
             batch = {k: v[: args.max_clips - clips] if isinstance(v, (torch.Tensor, list)) else v for k, v in batch.items()}
-            mel, target = voc._input(backbone, batch)
+            mel, target = voc.inputs(backbone, batch)
             lengths = batch["audio_lengths"]
             waves = {"original": target}
             for method in ("vocoder", "griffin_lim"):
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 wave = wave[:, : target.shape[-1]] * (torch.arange(target.shape[-1])[None] < lengths[:, None])
                 b = {"audio": wave, "audio_lengths": lengths}
                 s = scores[method]
-                s["judge"] += (judge.judge.classify(judge._judge_input(judge_model.backbone, b)).argmax(-1) == batch["label"]).tolist()
+                s["judge"] += (judge.judge.classify(judge.judge_input(judge_model.backbone, b)).argmax(-1) == batch["label"]).tolist()
                 s["wer"].update(transcribe(b), [asr.reference(t) if isinstance(asr, SpeechHead) else t for t in texts])
                 for i, n in enumerate(lengths.tolist()):
                     s["si_snr"].update(wave[i, :n], target[i, :n])

@@ -55,7 +55,9 @@ class SceneJudge(nn.Module):
     misreads the very combinations the test is about (its shape accuracy on held-out combinations
     was 0.79 against 0.94 on seen ones, one network, 600 steps). So the geometry body is trained on
     images whose colour channels are randomly permuted and inverted (shapes, sizes and positions
-    stay; colours no longer predict them), and colour is read by its own small pathway.
+    stay; colours no longer predict them), and colour is read by its own small pathway. Without a
+    colour attribute (``colour_index`` None) there is one network and no recolouring
+    (``scripts/scene_probe.py`` compares the two).
     Default PyTorch init but the objectness bias, set to -4.6 (sigmoid 0.01: cells are mostly empty).
     """
 
@@ -96,7 +98,8 @@ class SceneJudge(nn.Module):
     def loss(self, x: Tensor, objects: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """BCE on objectness (every cell), L1 on the centre offset and cross-entropy per attribute at
         the cells holding a centre. ``objects`` [B, K, 2 + A] as from the decoder (padding rows -1)."""
-        logit, offset, attrs = self(x, self.recolour(x) if x.shape[1] > 1 else x)
+        recolour = self.colour_index is not None and x.shape[1] > 1  # colour read apart: the body need not
+        logit, offset, attrs = self(x, self.recolour(x) if recolour else x)
         b, h, w = logit.shape
         real = objects[..., 2] >= 0
         bi, ki = real.nonzero(as_tuple=True)
@@ -222,3 +225,10 @@ def unseen_mask(described: Tensor, combinations: list[dict[int, int]]) -> Tensor
             hit &= described[..., 2 + column] == value
         out |= hit.any(1)
     return out
+
+
+def heldout_indices(attributes: dict[str, list[str]], heldout: list[dict[str, str]]) -> list[dict[int, int]]:
+    """info.json's held-out combinations ``[{attribute: value name}]`` -> ``[{attribute column: value index}]``
+    for :func:`unseen_mask`, against the data's ``attributes`` ``{name: [value names]}`` (in column order)."""
+    names = list(attributes)
+    return [{names.index(k): attributes[k].index(v) for k, v in combo.items()} for combo in heldout]

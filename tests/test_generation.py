@@ -163,3 +163,23 @@ def test_sample_script_says_what_it_did_with_empty_and_long_captions(shard_dir: 
 
 def test_diffusion_default_is_gaussian() -> None:
     assert isinstance(GenerationHead("image", "label", num_classes=2).diffusion, GaussianDiffusion)
+
+
+def test_judge_pooling_keeps_a_short_word_in_a_long_silence() -> None:
+    """Audio judges pool by the peak over time (a command word is a short part of a 2 s clip padded
+    with silence); image judges average. Only the known pools are accepted."""
+    from tasks.judge import JudgeNet
+
+    assert GenerationHead("audio", "label", num_classes=2).judge.pool == "peak"
+    assert GenerationHead("image", "label", num_classes=2).judge.pool == "mean"
+    assert GenerationHead("audio", "label", num_classes=2, judge_pool="mean").judge.pool == "mean"
+    with pytest.raises(ValueError, match="pool must be one of"):
+        JudgeNet(1, 2, pool="max")
+    torch.manual_seed(0)
+    judge = JudgeNet(1, 3, width=8, pool="peak").eval()
+    x = torch.full((2, 1, 16, 64), -1.6)  # silence (judge_mel's scale)
+    x[1, :, 4:12, 20:28] = 0.8  # a short burst in the second clip only
+    h = judge.body(x)  # [2, 32, 2, 8]
+    assert torch.allclose(judge(x), judge.proj(h.mean(dim=2).amax(dim=2)))  # mean over bands, max over time
+    judge.pool = "mean"
+    assert torch.allclose(judge(x), judge.proj(h.mean(dim=(2, 3))))

@@ -60,6 +60,14 @@ from tasks.transcriber import Transcriber
 CONDITIONS = ("label", "text", "none")
 
 
+def judge_mel(mel: Tensor, frames: int) -> Tensor:
+    """log-mel [B, n_mels, F] -> the judges' input [B, 1, n_mels, frames]: padded with the log-mel of
+    silence (what the codec gives silence) or cut to ``frames``, scaled to roughly [-1.6, 1]."""
+    if mel.shape[-1] < frames:
+        mel = F.pad(mel, (0, frames - mel.shape[-1]), value=LOG_SILENCE)
+    return ((mel[..., :frames] + 5.0) / 4.0).unsqueeze(1)
+
+
 class GenerationHead(Judged, Head):
     """Args:
     modality: ``image`` or ``audio``.
@@ -70,6 +78,8 @@ class GenerationHead(Judged, Head):
     sample_steps / sampler / eta / guidance: sampling at evaluation and prediction.
     eval_samples / eval_every_n / eval_batch: generated samples per evaluation, how often, in chunks of.
     judge: train the judge network (needs ``label`` in the data); judge_width / judge_weight its size and loss weight.
+    judge_pool: the judge's pooling (``tasks.judge.JudgeNet``); default ``mean`` for images, ``peak``
+        (max over time) for audio, whose word is a short part of a clip padded with silence.
     num_media: generated samples written to TensorBoard per evaluation.
     floor_samples: real training inputs kept (a reservoir) for the ``fid_cls_floor``.
     scene_attributes: images with scene annotations: ``{attribute: number of values}`` in the order of
@@ -108,6 +118,7 @@ class GenerationHead(Judged, Head):
         transcriber: bool = False,
         judge_batch: int = 16,
         judge_decoded: bool = True,
+        judge_pool: str | None = None,
     ) -> None:
         super().__init__()
         modality_keys = check_modality(modality, "generation")
@@ -145,7 +156,8 @@ class GenerationHead(Judged, Head):
             keys += [k for k in ("text", "text_ids", "text_lengths") if k not in keys]
         self.required_keys = tuple(keys)
         self.backbone_modalities = (modality,)
-        self.judge = JudgeNet(3 if modality == "image" else 1, num_classes, judge_width) if judge else None
+        pool = judge_pool or ("mean" if modality == "image" else "peak")
+        self.judge = JudgeNet(3 if modality == "image" else 1, num_classes, judge_width, pool=pool) if judge else None
         # kept in the checkpoint, bound at setup: what a class is called, and the captions' tokenizer
         self.class_names = ClassNames(num_classes) if num_classes else None
         self.text_vocab = TextVocabulary("sentencepiece", size=1 << 30) if condition == "text" or transcriber else None
@@ -244,7 +256,7 @@ class GenerationHead(Judged, Head):
             return {"text_ids": batch["text_ids"], "text_lengths": batch["text_lengths"]}
         return {}
 
-    def _judge_input(self, backbone: Backbone, batch: dict[str, Any]) -> Tensor:
+    def judge_input(self, backbone: Backbone, batch: dict[str, Any]) -> Tensor:
         """Real data as the judge sees it: images, or log-mel [B, 1, n_mels, frames] of fixed length."""
         if self.modality == "image":
             return batch["image"]
@@ -253,10 +265,7 @@ class GenerationHead(Judged, Head):
         return self._fixed_mel(mel, codec)
 
     def _fixed_mel(self, mel: Tensor, codec: nn.Module) -> Tensor:
-        frames = self.audio_tokens * codec.downsample
-        if mel.shape[-1] < frames:
-            mel = F.pad(mel, (0, frames - mel.shape[-1]), value=LOG_SILENCE)  # what the codec gives silence
-        return ((mel[..., :frames] + 5.0) / 4.0).unsqueeze(1)
+        return judge_mel(mel, self.audio_tokens * codec.downsample)
 
     # ------------------------------------------------------------------ training
     def loss(self, backbone: Backbone, batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, Tensor]]:

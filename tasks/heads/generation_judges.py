@@ -21,7 +21,7 @@ from torchmetrics.text import WordErrorRate
 from multimodal.backbone import Backbone
 from tasks.heads.base import clean_latents
 from tasks.metrics import update_fp32
-from tasks.scene_judge import SceneScores, unseen_mask
+from tasks.scene_judge import SceneScores, heldout_indices, unseen_mask
 
 
 class Judged:
@@ -42,7 +42,7 @@ class Judged:
         loss, logs = torch.zeros((), device=backbone.quantizer.codebook.device), {}
         if self.judge is None and self.transcriber is None and self.scene_judge is None:
             return loss, logs
-        real = self._judge_input(backbone, sub).detach()
+        real = self.judge_input(backbone, sub).detach()
         if self.training and self.judge is not None:
             self._remember_real(real)
         views = [real, self._decoded_input(backbone, sub)] if self.judge_decoded else [real]
@@ -92,8 +92,7 @@ class Judged:
         if list(have.items()) != list(self.scene_attributes.items()):
             raise ValueError(f"head {task!r}: scene_attributes={self.scene_attributes} but the data's info.json "
                              f"attributes have {have or 'none'} (names and value counts, in order)")
-        names = list(attributes)
-        self._heldout = [{names.index(k): attributes[k].index(v) for k, v in combo.items()} for combo in heldout]
+        self._heldout = heldout_indices(attributes, heldout)
 
     # ------------------------------------------------------------------ evaluation
     def build_metrics(self, backbone: Backbone) -> MetricCollection:
@@ -125,7 +124,7 @@ class Judged:
         update_fp32(metrics["diffusion_loss"], logs["diffusion/loss"])
         judged = (self.judge, self.transcriber, self.scene_judge)
         decoded = self._decoded_input(backbone, batch) if any(j is not None for j in judged) else None
-        real = self._judge_input(backbone, batch) if self.judge is not None or self.transcriber is not None else None
+        real = self.judge_input(backbone, batch) if self.judge is not None or self.transcriber is not None else None
         if self.judge is not None:
             update_fp32(metrics["judge_acc_real"], self.judge.classify(real), batch["label"])
             update_fp32(metrics["judge_acc_codec"], self.judge.classify(decoded), batch["label"])

@@ -62,7 +62,7 @@ class VocoderHead(Head):
     def latent_request(self, backbone: Backbone) -> tuple[str, tuple[str, ...]] | None:
         return ("audio", ("audio",)) if self.source == "codes" else None
 
-    def _input(self, backbone: Backbone, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    def inputs(self, backbone: Backbone, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """(log-mel [B, n_mels, F], target waveform [B, F * hop] zero past each clip)."""
         codec = backbone.codec("audio")
         with torch.no_grad():
@@ -77,14 +77,14 @@ class VocoderHead(Head):
         return mel, audio * length_mask(batch["audio_lengths"], length, audio.dtype)[:, 0]
 
     def loss(self, backbone: Backbone, batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        mel, target = self._input(backbone, batch)
+        mel, target = self.inputs(backbone, batch)
         pred = self.vocoder(mel) * length_mask(batch["audio_lengths"], target.shape[-1], target.dtype)[:, 0]
         return vocoder_loss(pred, target, self.vocoder.frontend, self.mel_weight)
 
     @torch.no_grad()
     def resynthesise(self, backbone: Backbone, batch: dict[str, Any], method: str) -> tuple[Tensor, Tensor]:
         """(waveforms [B, T] by ``method``, the originals [B, T]), zero past each clip's end."""
-        mel, target = self._input(backbone, batch)
+        mel, target = self.inputs(backbone, batch)
         if method == "vocoder":
             wave = self.vocoder(mel)
         else:

@@ -1,0 +1,87 @@
+"""Train the command judge ALONE on real clips and report its validation accuracy: a diagnostic of the
+judge network (``tasks.judge.JudgeNet``), apart from any generation run.
+
+    python scripts/judge_probe.py --pool mean --seconds 2 --steps 400
+    python scripts/judge_probe.py --pool peak --seconds 2 --steps 400
+
+Each run: the demo ``spoken`` set (or ``--root``), clips padded with the log-mel of silence (or cut) to
+``--seconds`` exactly as ``GenerationHead`` feeds its judge (``judge_mel``), AdamW at ``--lr``, bf16
+autocast, one thread by default; prints one JSON line (accuracy on the whole validation split, the
+wall time). This is how the judge's failure on 2 s windows was found and its ``peak`` pooling chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from datamodules import WebDataModule
+from multimodal.audio_codec import AudioCodec
+from multimodal.precision import native_bf16
+from tasks.heads.generation import judge_mel
+from tasks.judge import POOLS, JudgeNet
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pool", choices=POOLS, default="peak")
+    p.add_argument("--width", type=int, default=32, help="the judge's width (GenerationHead judge_width)")
+    p.add_argument("--seconds", type=float, default=2.0, help="window the clips are padded or cut to")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--demo", default="spoken")
+    p.add_argument("--root", default=None, help="a shard folder instead of --demo")
+    p.add_argument("--sample-rate", type=int, default=16000, help="the AudioCodec mel front end (its defaults otherwise)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    source = {"root": args.root} if args.root else {"demo": args.demo}
+    data = WebDataModule(**source, keys=["audio", "label"], batch_size=args.batch_size,
+                         audio_max_seconds=args.seconds, sample_rate=args.sample_rate, num_workers=0)
+    data.setup("fit")
+    codec = AudioCodec(sample_rate=args.sample_rate)  # only its mel front end is used (no weights in it)
+    frames = round(args.seconds * args.sample_rate / codec.hop_length)
+    judge = JudgeNet(1, args.num_classes, args.width, pool=args.pool)
+    opt = torch.optim.AdamW(judge.parameters(), lr=args.lr)
+
+    def inputs(batch: dict) -> torch.Tensor:
+        return judge_mel(codec.mel(batch["audio"], batch["audio_lengths"]), frames)
+
+    bf16, _ = native_bf16("cpu")  # emulated bf16 (no native units) is ~10x slower than fp32
+    start, step = time.perf_counter(), 0
+    while step < args.steps:
+        for batch in data.train_dataloader():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(judge.classify(inputs(batch)).float(), batch["label"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step >= args.steps:
+                break
+    train_s = time.perf_counter() - start
+    judge.eval()
+    right = total = 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for batch in data.val_dataloader():
+            right += int((judge.classify(inputs(batch)).argmax(-1) == batch["label"]).sum())
+            total += len(batch["label"])
+    if total == 0:
+        raise SystemExit("the validation split is empty")
+    print(json.dumps({"pool": args.pool, "width": args.width, "seconds": args.seconds, "steps": args.steps, "lr": args.lr,
+                      "batch_size": args.batch_size, "val_acc": round(right / total, 4), "val_clips": total,
+                      "train_s": round(train_s, 1), "bf16": bf16}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
