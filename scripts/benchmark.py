@@ -9,6 +9,7 @@
     python scripts/benchmark.py kernels     # attention, GELU, allocator, TaskAdamW: the CPU speed choices
     python scripts/benchmark.py sizes       # what an image size costs per step, stage 1 and stage 2
     python scripts/benchmark.py text_metrics  # chrF++: torchmetrics vs sacrebleu; the constant-caption search
+    python scripts/benchmark.py vocoder     # the learned vocoder vs gemelo-ai/vocos vs Griffin-Lim, mel -> waveform
 
 Each subcommand lives in ``scripts/benchmarks/<name>.py`` and exposes ``add_arguments(parser)``
 and ``run(args)``. Numbers are printed, never asserted in tests.

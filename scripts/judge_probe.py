@@ -15,16 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from datamodules import WebDataModule
-from multimodal.audio_codec import AudioCodec
-from multimodal.precision import native_bf16
-from tasks.heads.generation import judge_mel
-from tasks.judge import POOLS, JudgeNet
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # probe_loop beside this file
+
+from probe_loop import train_alone  # noqa: E402
+
+from datamodules import WebDataModule  # noqa: E402
+from multimodal.audio_codec import AudioCodec  # noqa: E402
+from tasks.heads.generation import judge_mel  # noqa: E402
+from tasks.judge import POOLS, JudgeNet  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,25 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     codec = AudioCodec(sample_rate=args.sample_rate)  # only its mel front end is used (no weights in it)
     frames = round(args.seconds * args.sample_rate / codec.hop_length)
     judge = JudgeNet(1, args.num_classes, args.width, pool=args.pool)
-    opt = torch.optim.AdamW(judge.parameters(), lr=args.lr)
 
     def inputs(batch: dict) -> torch.Tensor:
         return judge_mel(codec.mel(batch["audio"], batch["audio_lengths"]), frames)
 
-    bf16, _ = native_bf16("cpu")  # emulated bf16 (no native units) is ~10x slower than fp32
-    start, step = time.perf_counter(), 0
-    while step < args.steps:
-        for batch in data.train_dataloader():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = F.cross_entropy(judge.classify(inputs(batch)).float(), batch["label"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if step >= args.steps:
-                break
-    train_s = time.perf_counter() - start
-    judge.eval()
+    train_s, bf16 = train_alone(
+        judge, lambda b: F.cross_entropy(judge.classify(inputs(b)).float(), b["label"]),
+        data.train_dataloader, args.steps, args.lr)
     right = total = 0
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for batch in data.val_dataloader():

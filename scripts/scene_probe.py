@@ -18,13 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
+from pathlib import Path
 
 import torch
 
-from datamodules import WebDataModule
-from multimodal.precision import native_bf16
-from tasks.scene_judge import SceneJudge, SceneScores, heldout_indices, unseen_mask
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # probe_loop beside this file
+
+from probe_loop import train_alone  # noqa: E402
+
+from datamodules import WebDataModule  # noqa: E402
+from tasks.scene_judge import SceneJudge, SceneScores, heldout_indices, unseen_mask  # noqa: E402
 
 VARIANTS = ("two_pathways", "one_network")
 
@@ -55,22 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     colour_index = colour[0] if colour and args.variant == "two_pathways" else None
     judge = SceneJudge(3, [len(v) for v in attributes.values()], args.width, colour_index=colour_index)
     heldout = heldout_indices(attributes, data.heldout_combinations)
-    opt = torch.optim.AdamW(judge.parameters(), lr=args.lr)
-    bf16, _ = native_bf16("cpu")
-
-    start, step = time.perf_counter(), 0
-    while step < args.steps:
-        for batch in data.train_dataloader():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss, _ = judge.loss(batch["image"], batch["objects"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if step >= args.steps:
-                break
-    train_s = time.perf_counter() - start
-    judge.eval()
+    train_s, bf16 = train_alone(judge, lambda b: judge.loss(b["image"], b["objects"])[0],
+                                data.train_dataloader, args.steps, args.lr)
     scores = SceneScores(names, prefix="real")
     with torch.no_grad():
         for batch in data.val_dataloader():
