@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # probe_loop beside this file
 
-from probe_loop import train_alone  # noqa: E402
+from probe_loop import add_data_arguments, start, train_alone  # noqa: E402
 
 from datamodules import WebDataModule  # noqa: E402
 from multimodal.audio_codec import AudioCodec  # noqa: E402
@@ -39,15 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--demo", default="spoken")
-    p.add_argument("--root", default=None, help="a shard folder instead of --demo")
     p.add_argument("--sample-rate", type=int, default=16000, help="the AudioCodec mel front end (its defaults otherwise)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    add_data_arguments(p, "spoken")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    source = {"root": args.root} if args.root else {"demo": args.demo}
+    source = start(args)
     data = WebDataModule(**source, keys=["audio", "label"], batch_size=args.batch_size,
                          audio_max_seconds=args.seconds, sample_rate=args.sample_rate, num_workers=0)
     data.setup("fit")

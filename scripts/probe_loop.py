@@ -34,3 +34,18 @@ def train_alone(model: nn.Module, loss_fn: Callable[[dict], Tensor], batches: Ca
                 break
     model.eval()
     return time.perf_counter() - start, bf16
+
+
+def add_data_arguments(p, demo: str) -> None:
+    """--demo / --root (the data), --threads, --seed: the arguments every probe takes."""
+    p.add_argument("--demo", default=demo, help=f"a demo set (default {demo})")
+    p.add_argument("--root", default=None, help="a shard folder instead of --demo")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def start(args) -> dict:
+    """Threads and seed set from ``args``; -> the WebDataModule source (``root`` or ``demo``)."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    return {"root": args.root} if args.root else {"demo": args.demo}

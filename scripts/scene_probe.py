@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # probe_loop beside this file
 
-from probe_loop import train_alone  # noqa: E402
+from probe_loop import add_data_arguments, start, train_alone  # noqa: E402
 
 from datamodules import WebDataModule  # noqa: E402
 from tasks.scene_judge import SceneJudge, SceneScores, heldout_indices, unseen_mask  # noqa: E402
@@ -40,14 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--threshold", type=float, default=0.5)
-    p.add_argument("--demo", default="shapes")
-    p.add_argument("--root", default=None, help="a shard folder (with scene annotations) instead of --demo")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    add_data_arguments(p, "shapes")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    source = {"root": args.root} if args.root else {"demo": args.demo}
+    source = start(args)
     data = WebDataModule(**source, keys=["image", "objects"], batch_size=args.batch_size, num_workers=0)
     data.setup("fit")
     attributes = data.attributes
