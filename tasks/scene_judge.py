@@ -53,8 +53,8 @@ class SceneJudge(nn.Module):
     Why two pathways: the judge learns from the training split, which holds out attribute
     combinations on purpose. One network learns the shortcut "purple, so not a circle" and then
     misreads the very combinations the test is about (its shape accuracy on held-out combinations
-    was 0.79 against 0.94 on seen ones, one network, 600 steps). So the geometry body is trained on
-    images whose colour channels are randomly permuted and inverted (shapes, sizes and positions
+    was 0.73 against 0.94 on seen ones, one network, 600 steps: ``scripts/scene_probe.py``). So the
+    geometry body is trained on images whose colour channels are randomly permuted and inverted (shapes, sizes and positions
     stay; colours no longer predict them), and colour is read by its own small pathway. Without a
     colour attribute (``colour_index`` None) there is one network and no recolouring
     (``scripts/scene_probe.py`` compares the two).
