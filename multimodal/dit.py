@@ -1,7 +1,7 @@
 """The DiffusionTransformer trunk: adaLN-Zero DiT blocks over token latents of the shared code space.
 
 Inputs are token latents ``x [B, N, D]`` (``D`` = the shared quantizer's dim). An image is an
-``h x w`` grid of tokens in row-major order, optionally patchified by ``p x p`` (``p`` in {1, 2}: an
+``h x w`` grid of tokens in row-major order, optionally patchified by ``p x p`` (``p`` in {1, 2, 4}: an
 8 x 8 grid becomes 16 tokens of ``D * 4`` channels at ``p = 2``, like DiT's "/2" models); audio is a
 1-D sequence of variable length with a padding mask (always ``p = 1``).
 
@@ -9,6 +9,7 @@ One forward::
 
     tokens = Linear(patchify(x)) + sincos positions + modality embedding            [B, N', H]
     c      = TimestepEmbedder(t) + LabelEmbedder(y)                                  [B, H]
+           (+ PooledConditionEmbedder(condition tokens) with ``pool_condition``)
     h      = [condition tokens ; tokens]  (joint attention, padding masked)          [B, L + N', H]
     h      = DiTBlock(h, c) x depth       (adaLN-Zero: shift/scale/gate from c)
     out    = unpatchify(FinalLayer(h[:, L:], c))                                     [B, N, D]
@@ -49,7 +50,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import attention
-from .embeddings import LabelEmbedder, TimestepEmbedder, sincos_1d, sincos_2d
+from .embeddings import LabelEmbedder, PooledConditionEmbedder, TimestepEmbedder, sincos_1d, sincos_2d
 from .layers import resolve_preset
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -66,6 +67,7 @@ on this project's CPU in bf16 it is 5.0x faster forward and 2.5x forward + backw
 (one thread, ``python scripts/benchmark.py kernels``) and
 differs from the approximation by < 5e-4, below bf16's rounding of the activations."""
 MODALITIES = ("image", "audio", "text")
+PATCH_SIZES = (1, 2, 4)
 GRID_MODALITIES = ("image",)  # 2-D token grids; the others are 1-D sequences
 
 
@@ -172,11 +174,14 @@ class DiffusionTransformer(nn.Module):
         preset: ``tiny`` (2 x 64, 2 heads; tests), ``cpu`` (6 x 256, 4 heads), ``S`` (12 x 384, 6),
             ``B`` (12 x 768, 12), ``L`` (24 x 1024, 16), ``XL`` (28 x 1152, 16); mlp_ratio 4.
         depth, hidden_size, num_heads, mlp_ratio: override the preset when not None.
-        patch_size: p in {1, 2}; image grids are patchified p x p (audio and text always use 1).
+        patch_size: p in {1, 2, 4}; image grids are patchified p x p (audio and text always use 1);
+            4 is for a finely down-sampled codec (f = 2) whose grid would otherwise give too many tokens.
         num_classes: size of the class table (plus one null row); 0 for no classes (null row only).
         class_dropout_prob: training probability of replacing a label by the null label.
         text_vocab_size: size of the text-condition embedding table; 0 disables ``cond_ids``.
         cond_dropout_prob: training probability of dropping a sample's condition tokens (all masked).
+        pool_condition: also add the masked mean of the condition tokens, through an MLP, to the adaLN
+            vector c (:class:`multimodal.embeddings.PooledConditionEmbedder`); the null condition adds 0.
         drop_path: stochastic depth rate of the last block (linearly increasing from 0).
         grad_checkpointing: recompute each block in backward (torch.utils.checkpoint) in training.
         sequence_output: with patch_size 2, give 1-D sequences (audio) their own output projection so
@@ -199,6 +204,7 @@ class DiffusionTransformer(nn.Module):
         class_dropout_prob: float = 0.1,
         text_vocab_size: int = 0,
         cond_dropout_prob: float = 0.1,
+        pool_condition: bool = False,
         drop_path: float = 0.0,
         grad_checkpointing: bool = False,
         frequency_size: int = 256,
@@ -220,8 +226,8 @@ class DiffusionTransformer(nn.Module):
         if hidden_size % 4:
             raise ValueError(f"DiffusionTransformer: hidden_size={hidden_size} must be divisible by 4 "
                              "(2-D sin-cos positions)")
-        if patch_size not in (1, 2):
-            raise ValueError(f"DiffusionTransformer: patch_size must be 1 or 2, got {patch_size!r}")
+        if patch_size not in PATCH_SIZES:
+            raise ValueError(f"DiffusionTransformer: patch_size must be one of {PATCH_SIZES}, got {patch_size!r}")
         if mlp_ratio <= 0:
             raise ValueError(f"DiffusionTransformer: mlp_ratio must be positive, got {mlp_ratio!r}")
         if num_classes < 0 or text_vocab_size < 0:
@@ -251,6 +257,7 @@ class DiffusionTransformer(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         self.text_embedder = nn.Embedding(text_vocab_size, hidden_size) if text_vocab_size else None
         self.modality_embed = nn.Parameter(torch.zeros(len(MODALITIES), hidden_size))
+        self.cond_pool = PooledConditionEmbedder(hidden_size) if pool_condition else None
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, r, gelu) for r in rates)
         self.final_layer = FinalLayer(hidden_size, in_dim * p2, in_dim if patch_size > 1 and sequence_output else None)
@@ -416,6 +423,8 @@ class DiffusionTransformer(nn.Module):
             if dropping and self.cond_dropout_prob > 0:
                 keep = torch.rand(B, 1, device=device) >= self.cond_dropout_prob
                 cond_valid = cond_valid & keep
+            if self.cond_pool is not None:
+                c = c + self.cond_pool(cond_tokens, cond_valid).to(c.dtype)
             L = cond_tokens.shape[1]
             tokens = torch.cat([cond_tokens.to(tokens.dtype), tokens], dim=1)
             x_valid = x_mask if x_mask is not None else torch.ones(B, tokens.shape[1] - L, dtype=torch.bool,

@@ -1,4 +1,5 @@
-"""Embeddings for the diffusion transformer: fixed sin-cos positions, timesteps and class labels.
+"""Embeddings for the diffusion transformer: fixed sin-cos positions, timesteps, class labels and the
+pooled condition.
 
 Positions (as in MAE / DiT): a 1-D table gives position ``p`` the vector
 ``[sin(p * w_0), ..., sin(p * w_{k-1}), cos(p * w_0), ..., cos(p * w_{k-1})]`` with
@@ -90,3 +91,27 @@ class LabelEmbedder(nn.Module):
     def forward(self, y: Tensor) -> Tensor:
         y = torch.where(y < 0, torch.full_like(y, self.num_classes), y)
         return self.embedding_table(y)
+
+
+class PooledConditionEmbedder(nn.Module):
+    """Condition tokens [B, L, hidden] + valid [B, L] bool -> [B, hidden], added to the adaLN vector c.
+
+    ``MLP(sum_l valid * tokens / max(1, sum_l valid))``: the masked mean of the embedded condition
+    (for a caption: its bag of words plus the mean of its positions, so its length) through
+    Linear-SiLU-Linear, times 1 where any token is valid and 0 where none is. So the null condition
+    (every token masked: classifier-free guidance's unconditional half, condition dropout) adds
+    exactly nothing, as it adds nothing to attention. The role of SD3's pooled text vector in its
+    adaLN; here there is no text encoder, so it is the mean of the trunk's own condition embedding.
+    Global attributes (a one-object caption's colour, shape and size) reach every block through
+    the modulation at once, instead of waiting for attention to learn to look them up.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, tokens: Tensor, valid: Tensor) -> Tensor:
+        weight = valid.to(tokens.dtype).unsqueeze(-1)  # [B, L, 1]
+        count = weight.sum(dim=1)  # [B, 1]
+        mean = (tokens * weight).sum(dim=1) / count.clamp(min=1.0)  # [B, hidden]
+        return self.mlp(mean.to(self.mlp[0].weight.dtype)) * (count > 0).to(mean.dtype)

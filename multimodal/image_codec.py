@@ -30,7 +30,7 @@ IMAGE_PRESETS: dict[str, dict] = {
     # GPU training
     "base": dict(channels=128, channel_mult=(1, 2, 4), num_res_blocks=2, code_dim=64, norm_groups=32),
 }
-DOWNSAMPLE_FACTORS = (4, 8)
+DOWNSAMPLE_FACTORS = (2, 4, 8)
 
 IMAGE_SIZES: dict[int, dict[str, int]] = {
     # image side -> down-sampling f and the DiT patch size p; tokens = (side / f / p)^2
@@ -51,7 +51,8 @@ class ImageCodec(nn.Module):
             are None are taken from it.
         in_channels: 3 (RGB) or 1 (grey).
         image_size: H = W, or (H, W); both divisible by ``downsample``. Fixes the token grid.
-        downsample: f = 4 or 8, the side of the square of pixels one token covers.
+        downsample: f = 2, 4 or 8, the side of the square of pixels one token covers (f = 2 keeps the
+            outline of objects a few pixels wide, e.g. the demo shapes at 32 px; pair it with DiT patch 4).
         channels, channel_mult, num_res_blocks, norm_groups: encoder/decoder width and depth, see
             ``multimodal.layers.ConvEncoder``; ``norm_groups`` must divide every level's width.
         code_dim: D, the token dimension shared with the quantizer and the audio codec.

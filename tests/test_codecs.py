@@ -304,7 +304,7 @@ def test_preset_parameter_counts_increase():
     [
         (lambda: ImageCodec("huge"), "preset"),
         (lambda: AudioCodec("large"), "preset"),
-        (lambda: ImageCodec("tiny", downsample=2), "downsample"),
+        (lambda: ImageCodec("tiny", downsample=3), "downsample"),
         (lambda: ImageCodec("tiny", downsample=16), "downsample"),
         (lambda: AudioCodec("tiny", downsample=8), "downsample"),
         (lambda: ImageCodec("tiny", norm_groups=5), "norm_groups"),

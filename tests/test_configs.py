@@ -89,6 +89,30 @@ def test_image_size_overlays_set_the_codec_and_the_data_follows(overlay: Path, s
     assert next(run.rglob("last.ckpt")).is_file()
 
 
+def test_f2_tokenizer_under_generation_shapes(shard_dir: Path, tmp_path: Path) -> None:
+    """configs/image_size/f2.yaml on the image stage-1 recipe gives an f = 2 codec (16 px -> 8 x 8 grid);
+    configs/generation_shapes.yaml on it patchifies that grid 4 x 4 and fits and tests, the scene
+    judge's three reports included."""
+    import torch
+
+    from tests.tiny import CODE_DIM
+
+    tokenizer = tmp_path / "tok_f2"
+    main(["fit", "--config", str(write_tiny_config("tokenizer_image.yaml", shard_dir, tokenizer)),
+          "--config", str(CONFIGS / "image_size" / "f2.yaml"), "--trainer.limit_val_batches=0"])
+    saved = yaml.safe_load(next(tokenizer.rglob("config.yaml")).read_text())
+    assert saved["model"]["init_args"]["backbone"]["init_args"]["codecs"]["image"]["init_args"]["downsample"] == 2
+    run = tmp_path / "gen"
+    path = write_tiny_config("generation_shapes.yaml", shard_dir, run, tokenizer)
+    main(["fit", "--config", str(path)])
+    ckpt = next(run.rglob("last.ckpt"))
+    weight = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]["backbone.trunk.x_embedder.weight"]
+    assert weight.shape[1] == 16 * CODE_DIM  # 4 x 4 patches of the f = 2 grid
+    main(["test", "--config", str(path), f"--ckpt_path={ckpt}"])
+    report = json.loads(next(run.rglob("test_metrics.json")).read_text())
+    assert 0.0 <= report["test/shapes/scene_codec/all_captions/all"] <= 1.0
+
+
 def test_caption_64_on_a_64_px_tokenizer(shard_dir: Path, tmp_path: Path) -> None:
     """configs/image_size/caption_64.yaml after caption_shapes.yaml, on a (tiny) 64 px stage-1 run: the
     trunk reads the 16 x 16 grid of the checkpoint's codec; fit and test run."""

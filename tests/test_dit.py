@@ -124,6 +124,38 @@ def test_text_condition_tokens() -> None:
     torch.testing.assert_close(empty, plain, atol=1e-5, rtol=1e-4)
 
 
+def test_pooled_condition() -> None:
+    """pool_condition adds the masked mean of the condition to c: padding and the null condition add nothing."""
+    model = randomize(make(pool_condition=True))
+    x = torch.randn(2, 16, D)
+    t = torch.tensor([100, 200])
+    ids = torch.randint(0, 20, (2, 5))
+    cmask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    out = model(x, t, "image", cond_ids=ids, cond_mask=cmask)
+    ids2 = torch.where(cmask, ids, torch.randint(0, 20, ids.shape))
+    torch.testing.assert_close(model(x, t, "image", cond_ids=ids2, cond_mask=cmask), out)
+    empty = model(x, t, "image", cond_ids=ids, cond_mask=torch.zeros_like(cmask))
+    torch.testing.assert_close(empty, model(x, t, "image"), atol=1e-5, rtol=1e-4)
+    # the pooled vector changes the output on its own: the same tokens, the pooling MLP zeroed
+    with torch.no_grad():
+        model.cond_pool.mlp[-1].weight.zero_()
+        model.cond_pool.mlp[-1].bias.zero_()
+    assert not torch.allclose(model(x, t, "image", cond_ids=ids, cond_mask=cmask), out, atol=1e-4)
+    # it is trained: the loss reaches the pooling MLP
+    model = randomize(make(pool_condition=True)).train()
+    model(x, t, "image", cond_ids=ids, cond_mask=cmask, drop_condition=False).square().mean().backward()
+    assert model.cond_pool.mlp[0].weight.grad.abs().sum() > 0
+    assert make().cond_pool is None
+
+
+def test_patch_size_4() -> None:
+    model = randomize(make(patch_size=4))
+    x = torch.randn(2, 64, D)  # an 8 x 8 grid -> 4 tokens of 16 * D channels
+    out = model(x, torch.tensor([1, 2]), "image")
+    assert out.shape == x.shape
+    assert model.x_embedder.in_features == 16 * D
+
+
 def test_latent_condition_tokens() -> None:
     model = randomize(make(patch_size=2))
     x = torch.randn(2, 64, D)
@@ -264,7 +296,7 @@ def test_compiles_without_graph_breaks() -> None:
     [
         ({"hidden_size": 66, "num_heads": 4}, "divisible by num_heads"),
         ({"preset": "huge"}, "preset must be one of"),
-        ({"patch_size": 3}, "patch_size must be 1 or 2"),
+        ({"patch_size": 3}, "patch_size must be one of"),
         ({"class_dropout_prob": 1.0}, "class_dropout_prob"),
         ({"depth": 0}, "depth"),
     ],
