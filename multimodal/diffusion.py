@@ -223,15 +223,16 @@ class GaussianDiffusion(nn.Module):
 
     # ------------------------------------------------------------------ sampling
 
-    def respaced_timesteps(self, steps: int) -> list[int]:
-        """``steps`` evenly spaced original timesteps, descending from T - 1 to 0."""
+    def respaced_timesteps(self, steps: int, first: int | None = None) -> list[int]:
+        """``steps`` evenly spaced original timesteps, descending from ``first`` (default T - 1) to 0."""
+        first = self.num_timesteps - 1 if first is None else first
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"sample: steps must be a positive integer, got {steps!r}")
-        if steps > self.num_timesteps:
-            raise ValueError(f"sample: steps={steps} exceeds num_timesteps={self.num_timesteps}")
+        if steps > first + 1:
+            raise ValueError(f"sample: steps={steps} exceeds the {first + 1} timesteps from t = {first}")
         if steps == 1:
-            return [self.num_timesteps - 1]
-        grid = torch.linspace(0, self.num_timesteps - 1, steps, dtype=torch.float64).round().long()
+            return [first]
+        grid = torch.linspace(0, first, steps, dtype=torch.float64).round().long()
         return grid.flip(0).tolist()
 
     @torch.no_grad()
@@ -248,6 +249,8 @@ class GaussianDiffusion(nn.Module):
         noise: Tensor | None = None,
         device: torch.device | str | None = None,
         clip_denoised: float | None = None,
+        x_start: Tensor | None = None,
+        start: float = 1.0,
         **model_kwargs: Any,
     ) -> Tensor:
         """Draw latents of ``shape`` [B, N, D] -> RAW (unnormalised) latents [B, N, D].
@@ -261,6 +264,10 @@ class GaussianDiffusion(nn.Module):
         ``clip_denoised`` (diffusion samplers) clamps every x0 estimate to [-c, c] in normalised
         space: it tames eps prediction where abar_t ~ 0 (cosine schedule), where x0 = (x - b eps) / a
         amplifies the model's error by 1 / sqrt(abar_t).
+        ``x_start`` (RAW latents like ``shape``) and ``start`` in (0, 1] (the fraction of the time range):
+        SDEdit (Meng et al. 2022): noise ``x_start`` to ``t = start * (T - 1)`` (flow: ``s = start``) and
+        denoise from there in ``steps`` steps; how much of a real sample survives tells where in the
+        time range a trunk decides what (``scripts/denoise_probe.py``).
         """
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"sample: steps must be a positive integer, got {steps!r}")
@@ -270,6 +277,12 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"sample: eta must be >= 0, got {eta!r}")
         if clip_denoised is not None and not clip_denoised > 0:
             raise ValueError(f"sample: clip_denoised must be positive or None, got {clip_denoised!r}")
+        if not 0.0 < start <= 1.0:
+            raise ValueError(f"sample: start must be in (0, 1], got {start!r}")
+        if x_start is not None and tuple(x_start.shape) != tuple(shape):
+            raise ValueError(f"sample: x_start has shape {tuple(x_start.shape)}, expected {tuple(shape)}")
+        if start < 1.0 and x_start is None:
+            raise ValueError("sample: start < 1 denoises a given sample: pass x_start")
         sampler = sampler or SAMPLERS[self.objective][0]
         if sampler not in SAMPLERS[self.objective]:
             raise ValueError(f"sample: sampler must be one of {SAMPLERS[self.objective]} for "
@@ -294,10 +307,17 @@ class GaussianDiffusion(nn.Module):
 
         x = randn(tuple(shape)) if noise is None else noise.to(device)
         B = x.shape[0]
+        first = round(start * (self.num_timesteps - 1))
+        if x_start is not None:  # SDEdit: the given sample, noised to where sampling starts
+            x0 = self.normalize(x_start.to(device))
+            if self.objective == "flow":
+                x = (1 - start) * x0 + start * x
+            else:
+                x = self.q_sample(x0, torch.full((B,), first, dtype=torch.long, device=device), x)
         if self.objective == "flow":
-            x = self._euler(predict, x, steps)
+            x = self._euler(predict, x, steps, start)
         else:
-            timesteps = self.respaced_timesteps(steps)
+            timesteps = self.respaced_timesteps(steps, first)
             for i, t_now in enumerate(timesteps):
                 t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
                 t = torch.full((B,), t_now, dtype=torch.long, device=device)
@@ -335,10 +355,10 @@ class GaussianDiffusion(nn.Module):
             x = x + sigma * randn(tuple(x.shape))
         return x
 
-    def _euler(self, predict: Callable[[Tensor, Tensor], Tensor], x: Tensor, steps: int) -> Tensor:
-        """Rectified flow: integrate dx/ds = v(x, s) from s = 1 (noise) to s = 0 (data) in ``steps``."""
+    def _euler(self, predict: Callable[[Tensor, Tensor], Tensor], x: Tensor, steps: int, start: float = 1.0) -> Tensor:
+        """Rectified flow: integrate dx/ds = v(x, s) from s = start (1: noise) to s = 0 (data) in ``steps``."""
         B = x.shape[0]
-        s_grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+        s_grid = torch.linspace(start, 0.0, steps + 1, dtype=torch.float64).tolist()
         for s_now, s_next in zip(s_grid[:-1], s_grid[1:]):
             s = torch.full((B,), s_now, dtype=torch.float32, device=x.device)
             v = predict(x, self.model_timesteps(s)).float()

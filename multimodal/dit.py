@@ -42,6 +42,7 @@ final projection, so every block starts as the identity and the output starts at
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -75,6 +76,7 @@ class DiffusionTransformer(nn.Module):
         depth, hidden_size, num_heads, mlp_ratio: override the preset when not None.
         patch_size: p in {1, 2, 4}; image grids are patchified p x p (audio and text always use 1);
             4 is for a finely down-sampled codec (f = 2) whose grid would otherwise give too many tokens.
+            A trunk that generates needs ``in_dim * p**2 <= hidden_size`` (a warning says so otherwise).
         num_classes: size of the class table (plus one null row); 0 for no classes (null row only).
         class_dropout_prob: training probability of replacing a label by the null label.
         text_vocab_size: size of the text-condition embedding table; 0 disables ``cond_ids``.
@@ -136,6 +138,16 @@ class DiffusionTransformer(nn.Module):
                         ("drop_path", drop_path)):
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"DiffusionTransformer: {name} must be in [0, 1), got {p!r}")
+
+        if in_dim * patch_size**2 > hidden_size:
+            # The final layer is a Linear(hidden_size -> in_dim * p^2): its predictions span at most
+            # hidden_size of a patch's in_dim * p^2 channels. The noise in the other directions is never
+            # predicted, so sampling never removes it (measured: README, caption -> image).
+            warnings.warn(
+                f"DiffusionTransformer: a {patch_size} x {patch_size} patch of {in_dim}-dim latents has "
+                f"{in_dim * patch_size**2} channels but hidden_size is {hidden_size}: a trunk that GENERATES "
+                "images cannot denoise the rest; use a smaller patch_size or code dim, or a wider trunk "
+                "(harmless for a trunk that only encodes)", stacklevel=2)
 
         self.in_dim = in_dim
         self.depth = depth

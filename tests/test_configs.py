@@ -89,11 +89,36 @@ def test_image_size_overlays_set_the_codec_and_the_data_follows(overlay: Path, s
     assert next(run.rglob("last.ckpt")).is_file()
 
 
-def test_f2_tokenizer_under_generation_shapes(shard_dir: Path, tmp_path: Path) -> None:
+def test_f2_overlay_and_generation_shapes_fit_the_trunk(capsys: pytest.CaptureFixture) -> None:
+    """The real recipes, parsed: configs/image_size/f2.yaml makes the image stage 1 an f = 2 codec of
+    16-dim codes (the codebook's size kept), and configs/generation_shapes.yaml's trunk reads that
+    latent in patches no wider than itself (in_dim * p^2 <= hidden_size: else it cannot denoise)."""
+    from multimodal.dit import PRESETS
+
+    def printed(*configs: str) -> dict:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", *[a for c in configs for a in ("--config", str(CONFIGS / c))], "--print_config"])
+        assert exit_info.value.code in (0, None)
+        return yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["backbone"]["init_args"]
+
+    tokenizer = printed("tokenizer_image.yaml", "image_size/f2.yaml")
+    base = yaml.safe_load((CONFIGS / "tokenizer_image.yaml").read_text())["model"]["init_args"]["backbone"]["init_args"]
+    codec = tokenizer["codecs"]["image"]["init_args"]
+    assert (codec["downsample"], codec["code_dim"], tokenizer["quantizer"]["init_args"]["dim"]) == (2, 16, 16)
+    assert tokenizer["quantizer"]["init_args"]["num_codes"] == base["quantizer"]["init_args"]["num_codes"]
+    trunk = printed("generation_shapes.yaml")["trunk"]["init_args"]
+    assert trunk["in_dim"] == 16
+    assert trunk["in_dim"] * trunk["patch_size"] ** 2 <= PRESETS[trunk["preset"]]["hidden_size"]
+
+
+def test_f2_tokenizer_under_generation_shapes(shard_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """configs/image_size/f2.yaml on the image stage-1 recipe gives an f = 2 codec (16 px -> 8 x 8 grid);
-    configs/generation_shapes.yaml on it patchifies that grid 4 x 4 and fits and tests, the scene
-    judge's three reports included."""
+    configs/generation_shapes.yaml on it patchifies that grid 2 x 2 and fits and tests, the scene
+    judge's three reports included; scripts/denoise_probe.py scores it from two starts and draws them."""
+    import importlib.util
+
     import torch
+    from PIL import Image
 
     from tests.tiny import CODE_DIM
 
@@ -107,10 +132,24 @@ def test_f2_tokenizer_under_generation_shapes(shard_dir: Path, tmp_path: Path) -
     main(["fit", "--config", str(path)])
     ckpt = next(run.rglob("last.ckpt"))
     weight = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]["backbone.trunk.x_embedder.weight"]
-    assert weight.shape[1] == 16 * CODE_DIM  # 4 x 4 patches of the f = 2 grid
+    assert weight.shape[1] == 4 * CODE_DIM  # 2 x 2 patches of the f = 2 grid
     main(["test", "--config", str(path), f"--ckpt_path={ckpt}"])
     report = json.loads(next(run.rglob("test_metrics.json")).read_text())
     assert 0.0 <= report["test/shapes/scene_codec/all_captions/all"] <= 1.0
+
+    spec = importlib.util.spec_from_file_location("denoise_probe", CONFIGS.parent / "scripts" / "denoise_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    capsys.readouterr()
+    grid = tmp_path / "probe.png"
+    assert probe.main(["--ckpt", str(run), "--start", "0.5", "1.0", "--samples", "4", "--steps", "4",
+                       "--grid", str(grid)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    scored = [line for line in lines if line.startswith("start ")]
+    assert [line.split()[1] for line in scored] == ["0.50", "1.00"] and "(t = 500)" in scored[0]
+    assert all("all_captions/all" in line and "judge_acc" in line for line in scored), lines
+    with Image.open(grid) as image:  # 4 rows (real, through the tokenizer, two starts) of the 4 square images
+        assert image.height == image.width > 0
 
 
 def test_caption_64_on_a_64_px_tokenizer(shard_dir: Path, tmp_path: Path) -> None:

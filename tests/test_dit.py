@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -341,3 +343,13 @@ def test_gelu_choice() -> None:
     assert (torch.nn.GELU()(x) - GELUTanh()(x)).abs().max() < 5e-4
     with pytest.raises(ValueError, match="gelu must be one of"):
         DiffusionTransformer(in_dim=8, preset="tiny", gelu="relu")
+
+
+def test_warns_when_a_patch_is_wider_than_the_trunk() -> None:
+    """The final Linear(hidden -> in_dim * p^2) spans at most `hidden` directions of a patch: a generating
+    trunk could not denoise the rest, so the constructor says so (tiny preset: hidden 64)."""
+    with pytest.warns(UserWarning, match="256 channels but hidden_size is 64"):
+        make(in_dim=16, patch_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make(in_dim=16, patch_size=2)  # 64 channels: within the width

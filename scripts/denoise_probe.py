@@ -1,0 +1,141 @@
+"""Where in the time range does an image generation trunk lose a real scene? (SDEdit, Meng et al. 2022)
+
+    python scripts/denoise_probe.py --ckpt runs/generation_shapes --start 0.2 0.4 0.6 0.8 1.0 \
+        --samples 128 --grid runs/denoise_probe.png
+
+Real validation images are encoded to their code vectors, noised to ``t = start * (T - 1)`` and
+denoised from there by the trunk with their own captions or labels (the head's sampler, guidance
+and step count), then snapped and decoded like any sample, and judged by the head's own judges: the
+scene judge (GenEval-style scores) when the head has one, the label judge otherwise. At start = 1
+this is plain generation; as start falls the trunk is handed more of the real scene. The start at
+which an attribute's score collapses is where the trunk would have had to decide it, and failed.
+
+``--grid`` writes one row per start (the first eight images), under the real images and their
+renderings by the tokenizer. Uses the checkpoint's weights (EMA ones when the run had the callback).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from multimodal.checkpoint import resolve_checkpoint, run_datamodule
+from multimodal.precision import autocast_dtype
+from tasks import GenerationHead, MultiTaskModule
+from tasks.scene_judge import SceneScores, unseen_mask
+
+SHOWN = ("1_object/all", "1_object/count", "1_object/colour", "1_object/shape", "1_object/size",
+         "2_objects/all", "all_captions/all")
+
+
+def _batches(loader, n: int) -> list[dict]:
+    out, seen = [], 0
+    for batch in loader:
+        out.append(batch)
+        seen += len(batch["image"])
+        if seen >= n:
+            break
+    return out
+
+
+def _judge(head: GenerationHead, images: torch.Tensor, batch: dict, scores: dict) -> None:
+    """Accumulate the head's judges' verdicts on ``images`` for ``batch``'s conditions into ``scores``."""
+    if head.scene_judge is not None:
+        metric = scores.setdefault("scene", SceneScores(list(head.scene_attributes), prefix="scene"))
+        metric.update(head.scene_judge.detect(images.float(), head.scene_threshold), batch["objects"],
+                      unseen_mask(batch["objects"], head._heldout))
+    if head.judge is not None and "label" in batch:
+        hits = (head.judge.classify(images.float()).argmax(-1) == batch["label"]).float()
+        scores.setdefault("label", []).append(hits)
+
+
+def _summary(scores: dict) -> dict[str, float]:
+    out = {}
+    if "scene" in scores:
+        values = scores["scene"].compute()
+        out.update({k: float(values[f"scene/{k}"]) for k in SHOWN if f"scene/{k}" in values})
+    if "label" in scores:
+        out["judge_acc"] = float(torch.cat(scores["label"]).mean())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="an image generation checkpoint or its run folder")
+    p.add_argument("--task", default=None, help="the generation head (default: the first)")
+    p.add_argument("--start", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8, 1.0],
+                   help="where denoising starts, as fractions of the time range (1 = pure noise)")
+    p.add_argument("--samples", type=int, default=128, help="validation images (default 128)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps over the whole range (default: the head's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", type=Path, default=None, help="write the first eight images of each start here")
+    args = p.parse_args(argv)
+    if any(not 0 < s <= 1 for s in args.start):
+        p.error(f"--start values must be in (0, 1], got {args.start}")
+    if args.samples < 1:
+        p.error(f"--samples must be >= 1, got {args.samples}")
+
+    torch.set_grad_enabled(False)
+    ckpt = resolve_checkpoint(args.ckpt)
+    model = MultiTaskModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
+    heads = {t: h for t, h in model.heads.items() if isinstance(h, GenerationHead)}
+    task = args.task or next(iter(heads), None)
+    if task not in heads:
+        raise SystemExit(f"{ckpt}: no generation head {task!r} (generation heads: {sorted(heads)})")
+    head, backbone = heads[task], model.backbone
+    if head.modality != "image":
+        raise SystemExit(f"head {task!r} generates {head.modality}: the probe judges images only")
+    if head.scene_judge is None and head.judge is None:
+        raise SystemExit(f"head {task!r} has no judge to score the denoised images with")
+    data = run_datamodule(ckpt, stage="validate")
+    data = data.tasks[task] if hasattr(data, "tasks") else data
+    batches = _batches(data.val_dataloader(), args.samples)
+    steps = args.steps or head.sample_steps
+    dtype = autocast_dtype("cpu")
+
+    rows = [torch.cat([b["image"] for b in batches])[:8]]
+    codec_scores: dict = {}
+    latents = []
+    for batch in batches:
+        x0, _ = head._latents(backbone, batch)
+        latents.append(x0)
+        decoded = backbone.decode("image", x0).clamp(-1, 1)
+        _judge(head, decoded, batch, codec_scores)
+        if len(rows) == 1:
+            rows.append(decoded[:8])
+    print(f"{len(torch.cat(latents))} validation images of {ckpt}, {head.sampler or 'ddim'} sampler, "
+          f"guidance {head.guidance}, {steps} steps over the whole range")
+    print("through the tokenizer (the ceiling):", {k: round(v, 3) for k, v in _summary(codec_scores).items()})
+    for start in args.start:
+        generator = torch.Generator().manual_seed(args.seed)
+        scores: dict = {}
+        shown = None
+        for batch, x0 in zip(batches, latents):
+            cond = head._batch_conditions(batch)
+            kwargs = head._model_kwargs(backbone, len(x0), y=cond.get("y"), text_ids=cond.get("text_ids"),
+                                        text_lengths=cond.get("text_lengths"))
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                out = head.diffusion.sample(
+                    backbone.trunk, tuple(x0.shape), steps=max(1, round(steps * start)), sampler=head.sampler,
+                    eta=head.eta, guidance=head.guidance, generator=generator, x_start=x0, start=start, **kwargs)
+                images = backbone.decode("image", backbone.snap_to_codebook(out.float())).clamp(-1, 1).float()
+            _judge(head, images, batch, scores)
+            shown = images[:8] if shown is None else shown
+        rows.append(shown)
+        t = round(start * (head.diffusion.num_timesteps - 1))
+        print(f"start {start:.2f} (t = {t}):", {k: round(v, 3) for k, v in _summary(scores).items()}, flush=True)
+    if args.grid:
+        grid = torch.cat([torch.cat(list(r.float()), dim=2) for r in rows], dim=1)
+        pixels = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        args.grid.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(pixels)).save(args.grid)
+        print(f"wrote {args.grid}: real, through the tokenizer, then one row per start {args.start}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
