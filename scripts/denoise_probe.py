@@ -26,7 +26,7 @@ from PIL import Image
 from multimodal.checkpoint import resolve_checkpoint, run_datamodule
 from multimodal.precision import autocast_dtype
 from tasks import GenerationHead, MultiTaskModule
-from tasks.scene_judge import SceneScores, unseen_mask
+from tasks.scene_judge import SceneScores
 
 SHOWN = ("1_object/all", "1_object/count", "1_object/colour", "1_object/shape", "1_object/size",
          "2_objects/all", "all_captions/all")
@@ -46,8 +46,7 @@ def _judge(head: GenerationHead, images: torch.Tensor, batch: dict, scores: dict
     """Accumulate the head's judges' verdicts on ``images`` for ``batch``'s conditions into ``scores``."""
     if head.scene_judge is not None:
         metric = scores.setdefault("scene", SceneScores(list(head.scene_attributes), prefix="scene"))
-        metric.update(head.scene_judge.detect(images.float(), head.scene_threshold), batch["objects"],
-                      unseen_mask(batch["objects"], head._heldout))
+        head._score_scenes(metric, images, batch["objects"])
     if head.judge is not None and "label" in batch:
         hits = (head.judge.classify(images.float()).argmax(-1) == batch["label"]).float()
         scores.setdefault("label", []).append(hits)
@@ -116,13 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         shown = None
         for batch, x0 in zip(batches, latents):
             cond = head._batch_conditions(batch)
-            kwargs = head._model_kwargs(backbone, len(x0), y=cond.get("y"), text_ids=cond.get("text_ids"),
-                                        text_lengths=cond.get("text_lengths"))
             with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-                out = head.diffusion.sample(
-                    backbone.trunk, tuple(x0.shape), steps=max(1, round(steps * start)), sampler=head.sampler,
-                    eta=head.eta, guidance=head.guidance, generator=generator, x_start=x0, start=start, **kwargs)
-                images = backbone.decode("image", backbone.snap_to_codebook(out.float())).clamp(-1, 1).float()
+                _, images = head.generate(backbone, y=cond.get("y"), text_ids=cond.get("text_ids"),
+                                          text_lengths=cond.get("text_lengths"), generator=generator,
+                                          steps=max(1, round(steps * start)), x_start=x0, start=start)
+            images = images.float()
             _judge(head, images, batch, scores)
             shown = images[:8] if shown is None else shown
         rows.append(shown)

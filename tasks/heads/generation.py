@@ -287,10 +287,12 @@ class GenerationHead(Judged, Head):
     def generate(self, backbone: Backbone, y: Tensor | None = None, text_ids: Tensor | None = None,
                  text_lengths: Tensor | None = None, num: int | None = None,
                  generator: torch.Generator | None = None, steps: int | None = None,
-                 guidance: float | None = None, waveform: str | None = None) -> tuple[Tensor, Tensor]:
+                 guidance: float | None = None, waveform: str | None = None,
+                 x_start: Tensor | None = None, start: float = 1.0) -> tuple[Tensor, Tensor]:
         """Samples for the given conditions -> (images [B, C, H, W] in [-1, 1] or waveforms [B, T],
         what the judge sees [B, C, H, W]). ``num`` is the count for ``condition='none'``; ``waveform``
-        (``vocoder`` / ``griffin_lim``; default: the backbone's vocoder if any) makes audio samples."""
+        (``vocoder`` / ``griffin_lim``; default: the backbone's vocoder if any) makes audio samples.
+        ``x_start`` (clean latents [B, N, D]) and ``start``: SDEdit from them (``GaussianDiffusion.sample``)."""
         device = backbone.quantizer.codebook.device
         batch = len(y) if y is not None else len(text_ids) if text_ids is not None else int(num or 1)
         if self.modality == "image":
@@ -303,7 +305,8 @@ class GenerationHead(Judged, Head):
             guidance = 1.0
         latents = self.diffusion.sample(
             backbone.trunk, (batch, n_tokens, backbone.quantizer.dim), steps=steps or self.sample_steps,
-            sampler=self.sampler, eta=self.eta, guidance=guidance, generator=generator, device=device, **kwargs,
+            sampler=self.sampler, eta=self.eta, guidance=guidance, generator=generator, device=device,
+            x_start=x_start, start=start, **kwargs,
         )
         snapped = backbone.snap_to_codebook(latents)
         if self.modality == "image":
