@@ -8,6 +8,7 @@ Inputs are token latents ``x [B, N, D]`` (``D`` = the shared quantizer's dim). A
 One forward::
 
     tokens = Linear(patchify(x)) + sincos positions + modality embedding            [B, N', H]
+             (``rope``: attention's q and k also rotated by their 2-D / 1-D position, multimodal.rope)
     c      = TimestepEmbedder(t) + LabelEmbedder(y)                                  [B, H]
            (+ PooledConditionEmbedder(condition tokens) with ``pool_condition``)
     h      = [condition tokens ; tokens]  (joint attention, padding masked)          [B, L + N', H]
@@ -52,6 +53,7 @@ from torch.utils.checkpoint import checkpoint
 from .dit_blocks import GELU_LAYERS, DiTBlock, FinalLayer, patchify, unpatchify
 from .embeddings import LabelEmbedder, PooledConditionEmbedder, TimestepEmbedder, sincos_1d, sincos_2d
 from .layers import resolve_preset
+from .rope import Segment, rope_table
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"depth": 2, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 4.0},
@@ -90,6 +92,10 @@ class DiffusionTransformer(nn.Module):
             by ``features``), so no parameter goes unused (plain DDP needs every parameter in the loss).
         frequency_size: sinusoidal timestep features before the timestep MLP.
         gelu: the MLP activation, ``exact`` (default) or ``tanh`` (DiT's approximation; see ``GELU_LAYERS``).
+        rope: rotary positions in every attention (:mod:`multimodal.rope`: 2-D axial on image grids,
+            1-D on audio, none on text condition tokens) besides the sin-cos ones added to the tokens:
+            attention scores that depend on offsets, so what is learnt about an outline at one place
+            holds at every place. Needs ``hidden_size / num_heads`` divisible by 4.
     """
 
     def __init__(
@@ -111,6 +117,7 @@ class DiffusionTransformer(nn.Module):
         frequency_size: int = 256,
         sequence_output: bool = True,
         gelu: str = "exact",
+        rope: bool = False,
     ) -> None:
         super().__init__()
         if gelu not in GELU_LAYERS:
@@ -127,6 +134,9 @@ class DiffusionTransformer(nn.Module):
         if hidden_size % 4:
             raise ValueError(f"DiffusionTransformer: hidden_size={hidden_size} must be divisible by 4 "
                              "(2-D sin-cos positions)")
+        if rope and (hidden_size // num_heads) % 4:
+            raise ValueError(f"DiffusionTransformer: rope needs a head dim divisible by 4, got hidden_size / "
+                             f"num_heads = {hidden_size // num_heads}")
         if patch_size not in PATCH_SIZES:
             raise ValueError(f"DiffusionTransformer: patch_size must be one of {PATCH_SIZES}, got {patch_size!r}")
         if mlp_ratio <= 0:
@@ -160,6 +170,7 @@ class DiffusionTransformer(nn.Module):
         self.text_vocab_size = text_vocab_size
         self.cond_dropout_prob = cond_dropout_prob
         self.grad_checkpointing = grad_checkpointing
+        self.rope = rope
 
         p2 = patch_size * patch_size
         self.x_embedder = nn.Linear(in_dim * p2, hidden_size)  # image patches (and sequences when p = 1)
@@ -220,6 +231,24 @@ class DiffusionTransformer(nn.Module):
             table = self._pos_cache[key] = compute()
         return table
 
+    def _rope(self, segments: list[Segment], device: torch.device) -> Tensor:
+        """The rotation table [S, 2 * head_dim] of a joint sequence (cached like the sin-cos positions)."""
+        head_dim = self.hidden_size // self.num_heads
+        if torch.compiler.is_compiling():
+            return rope_table(segments, head_dim, device)
+        key = ("rope", tuple(segments), str(device))
+        table = self._pos_cache.get(key)
+        if table is None:
+            if len(self._pos_cache) > 64:
+                self._pos_cache.clear()
+            table = self._pos_cache[key] = rope_table(segments, head_dim, device)
+        return table
+
+    @staticmethod
+    def _segment(n: int, grid: tuple[int, int] | None, p: int) -> Segment:
+        """The rope segment of n latent tokens: a (patch) grid, or a 1-D sequence."""
+        return ("grid", (grid[0] // p, grid[1] // p)) if grid is not None else ("sequence", (n,))
+
     def _modality_index(self, modality: str, name: str = "modality") -> int:
         if modality not in MODALITIES:
             raise ValueError(f"DiffusionTransformer: {name} must be one of {MODALITIES}, got {modality!r}")
@@ -261,8 +290,9 @@ class DiffusionTransformer(nn.Module):
 
     def _embed_condition(self, batch: int, device: torch.device, cond_ids: Tensor | None,
                          cond_mask: Tensor | None, cond_latents: Tensor | None, cond_modality: str | None,
-                         cond_grid: tuple[int, int] | None) -> tuple[Tensor, Tensor] | None:
-        """Condition tokens -> (tokens [B, L', hidden], valid [B, L'] bool), or None without a condition."""
+                         cond_grid: tuple[int, int] | None) -> tuple[Tensor, Tensor, Segment] | None:
+        """Condition tokens -> (tokens [B, L', hidden], valid [B, L'] bool, their rope segment), or None
+        without a condition."""
         if cond_ids is not None and cond_latents is not None:
             raise ValueError("DiffusionTransformer: pass cond_ids (text) or cond_latents, not both")
         if cond_ids is None and cond_latents is None:
@@ -276,17 +306,19 @@ class DiffusionTransformer(nn.Module):
             pos = self._positions("1d", (L,), device)
             tokens = self.text_embedder(cond_ids)
             tokens = tokens + (pos + self.modality_embed[MODALITIES.index("text")]).to(tokens.dtype)
+            segment: Segment = ("none", (L,))
         else:
             if cond_modality is None:
                 raise ValueError("DiffusionTransformer: cond_latents need cond_modality ('image' or 'audio')")
-            tokens, _ = self._embed_latents(cond_latents, cond_modality, cond_grid, "cond_grid")
+            tokens, grid = self._embed_latents(cond_latents, cond_modality, cond_grid, "cond_grid")
             L = tokens.shape[1]  # patch tokens for a patchified image condition
+            segment = self._segment(L, grid, self.patch_size)
         if cond_mask is None:
             cond_mask = torch.ones(batch, L, dtype=torch.bool, device=device)
         elif tuple(cond_mask.shape) != (batch, L):
             raise ValueError(f"DiffusionTransformer: cond_mask must be [B, L]=({batch}, {L}), "
                              f"got {tuple(cond_mask.shape)}")
-        return tokens, cond_mask.to(torch.bool)
+        return tokens, cond_mask.to(torch.bool), segment
 
     # ------------------------------------------------------------------ trunk
 
@@ -329,8 +361,10 @@ class DiffusionTransformer(nn.Module):
         cond = self._embed_condition(B, device, cond_ids, cond_mask, cond_latents, cond_modality, cond_grid)
         L = 0
         valid = x_mask
+        segments = [self._segment(tokens.shape[1], grid, self.patch_size)]
         if cond is not None:
-            cond_tokens, cond_valid = cond
+            cond_tokens, cond_valid, cond_segment = cond
+            segments.insert(0, cond_segment)
             if dropping and self.cond_dropout_prob > 0:
                 keep = torch.rand(B, 1, device=device) >= self.cond_dropout_prob
                 cond_valid = cond_valid & keep
@@ -347,16 +381,18 @@ class DiffusionTransformer(nn.Module):
             valid = valid | ~valid.any(dim=1, keepdim=True)
             attn_mask = valid[:, None, None, :]  # [B, 1, 1, S]: broadcast over heads and queries
 
-        return self._blocks(tokens, c, attn_mask)[:, L:], c, grid
+        rope = self._rope(segments, device) if self.rope else None
+        return self._blocks(tokens, c, attn_mask, rope)[:, L:], c, grid
 
-    def _blocks(self, h: Tensor, c: Tensor, attn_mask: Tensor | None) -> Tensor:
-        """The DiT blocks: tokens [B, S, hidden], c [B, hidden], attn_mask [B, 1, 1, S] bool or None."""
+    def _blocks(self, h: Tensor, c: Tensor, attn_mask: Tensor | None, rope: Tensor | None = None) -> Tensor:
+        """The DiT blocks: tokens [B, S, hidden], c [B, hidden], attn_mask [B, 1, 1, S] bool or None,
+        rope [S, 2 * head_dim] or None."""
         use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if use_checkpoint:
-                h = checkpoint(block, h, c, attn_mask, use_reentrant=False)
+                h = checkpoint(block, h, c, attn_mask, rope, use_reentrant=False)
             else:
-                h = block(h, c, attn_mask)
+                h = block(h, c, attn_mask, rope)
         return h
 
     def forward(
@@ -408,7 +444,7 @@ class DiffusionTransformer(nn.Module):
         [B, L, hidden] at t = 0 with the null condition, through the trunk's text table. Padded
         positions are 0."""
         B = ids.shape[0]
-        tokens, valid = self._embed_condition(B, ids.device, ids, mask, None, None, None)
+        tokens, valid, _ = self._embed_condition(B, ids.device, ids, mask, None, None, None)  # text: not rotated
         c = self.t_embedder(torch.zeros(B, device=ids.device)) + self.y_embedder(
             self.y_embedder.null_labels(B, ids.device))
         attn_mask = None

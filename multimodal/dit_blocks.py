@@ -12,6 +12,7 @@ from timm.layers import DropPath, GELUTanh, Mlp
 from torch import Tensor, nn
 
 from .attention import attention
+from .rope import apply_rope
 
 GELU_LAYERS = {"exact": nn.GELU, "tanh": GELUTanh}
 """The MLP's activation. DiT uses GELU's tanh approximation; the exact (erf) GELU is the default here:
@@ -48,7 +49,8 @@ def unpatchify(x: Tensor, grid: tuple[int, int], p: int) -> Tensor:
 class Attention(nn.Module):
     """Multi-head self-attention through :func:`multimodal.attention.attention` (SDPA; explicit on CPUs in bf16).
 
-    x [B, S, H]; attn_mask None or bool [B, 1, 1, S] (True = key takes part) -> [B, S, H].
+    x [B, S, H]; attn_mask None or bool [B, 1, 1, S] (True = key takes part); rope None or the
+    rotation of q and k, [S, 2 * head_dim] (:mod:`multimodal.rope`) -> [B, S, H].
     """
 
     def __init__(self, dim: int, num_heads: int) -> None:
@@ -57,10 +59,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, rope: Tensor | None = None) -> Tensor:
         B, S, C = x.shape
         qkv = self.qkv(x).reshape(B, S, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, heads, S, head_dim]
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         x = attention(q, k, v, attn_mask)
         return self.proj(x.transpose(1, 2).reshape(B, S, C))
 
@@ -70,7 +74,8 @@ class DiTBlock(nn.Module):
 
     ``shift, scale, gate`` (for attention and for the MLP) = Linear(SiLU(c)); the branch input is
     ``LN(x) * (1 + scale) + shift`` (LayerNorm without affine) and its output is added as
-    ``gate * branch``. The modulation Linear is zero-initialised, so the block starts as identity.
+    ``gate * branch``. ``rope`` (optional, [S, 2 * head_dim]) rotates the attention's q and k. The
+    modulation Linear is zero-initialised, so the block starts as identity.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
@@ -83,9 +88,9 @@ class DiTBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: Tensor, c: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, attn_mask: Tensor | None = None, rope: Tensor | None = None) -> Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = self._residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa), attn_mask))
+        x = self._residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa), attn_mask, rope))
         x = self._residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
         return x
 

@@ -67,9 +67,9 @@ def test_patchify_roundtrip() -> None:
     assert torch.equal(unpatchify(p, (4, 6), 2), x)
 
 
-@pytest.mark.parametrize("patch", [1, 2])
-def test_audio_padding_does_not_leak(patch: int) -> None:
-    model = randomize(make(patch_size=patch))
+@pytest.mark.parametrize("patch, rope", [(1, False), (2, False), (2, True)])
+def test_audio_padding_does_not_leak(patch: int, rope: bool) -> None:
+    model = randomize(make(patch_size=patch, rope=rope))
     lengths = torch.tensor([10, 6, 3])
     mask = torch.arange(10)[None, :] < lengths[:, None]
     x = torch.randn(3, 10, D)
@@ -301,6 +301,7 @@ def test_compiles_without_graph_breaks() -> None:
         ({"patch_size": 3}, "patch_size must be one of"),
         ({"class_dropout_prob": 1.0}, "class_dropout_prob"),
         ({"depth": 0}, "depth"),
+        ({"hidden_size": 72, "num_heads": 4, "rope": True}, "rope needs a head dim divisible by 4"),
     ],
 )
 def test_bad_settings(kwargs: dict, message: str) -> None:
@@ -353,3 +354,54 @@ def test_warns_when_a_patch_is_wider_than_the_trunk() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         make(in_dim=16, patch_size=2)  # 64 channels: within the width
+
+
+# ---------------------------------------------------------------------------------------------- rope
+
+
+def test_rope_scores_depend_on_offsets_only() -> None:
+    """Rotated q . k is a function of the two tokens' offset on the grid (and of 1-D offsets on a
+    sequence); text condition tokens are not rotated."""
+    from multimodal.rope import apply_rope, rope_table
+
+    head = 16
+    table = rope_table([("none", (3,)), ("grid", (5, 6)), ("sequence", (7,))], head)
+    assert table.shape == (3 + 30 + 7, 2 * head)
+    torch.manual_seed(0)
+    q, k = torch.randn(head), torch.randn(head)
+
+    def score(i: int, j: int) -> float:
+        qi = apply_rope(q.expand(1, 1, 1, head), table[i : i + 1])
+        kj = apply_rope(k.expand(1, 1, 1, head), table[j : j + 1])
+        return float((qi * kj).sum())
+
+    def cell(r: int, c: int) -> int:
+        return 3 + r * 6 + c
+
+    same = [score(cell(r, c), cell(r + 1, c + 2)) for r, c in ((0, 0), (2, 3), (3, 1))]
+    assert max(same) - min(same) < 1e-5
+    assert abs(score(cell(0, 0), cell(1, 2)) - score(cell(0, 0), cell(2, 1))) > 1e-3  # the offset matters
+    seq = [score(33 + i, 33 + i + 3) for i in range(4)]
+    assert max(seq) - min(seq) < 1e-5
+    assert abs(score(0, 2) - float(q @ k)) < 1e-5  # text tokens: the identity
+
+
+def test_rope_in_the_trunk() -> None:
+    """rope changes what image tokens see, not what text alone gives; CFG, bf16 and torch.compile still
+    agree with the plain forward."""
+    plain, rotary = randomize(make(patch_size=2)), randomize(make(patch_size=2, rope=True))
+    rotary.load_state_dict(plain.state_dict())  # no new parameters: the same weights
+    x = torch.randn(2, 64, D)
+    ids = torch.tensor([[4, 5, 6], [7, 8, 9]])
+    t = torch.tensor([100, 700])
+    assert (rotary(x, t, "image", cond_ids=ids) - plain(x, t, "image", cond_ids=ids)).abs().max() > 1e-3
+    torch.testing.assert_close(rotary.text_features(ids), plain.text_features(ids))
+    guided = rotary.forward_with_cfg(x, t, "image", 2.0, cond_ids=ids)
+    cond, uncond = rotary(x, t, "image", cond_ids=ids), rotary(x, t, "image")
+    torch.testing.assert_close(guided, uncond + 2.0 * (cond - uncond), atol=1e-5, rtol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = rotary(x, t, "image", cond_ids=ids)
+    assert (low.float() - cond).abs().max() < 0.05
+    compiled = torch.compile(rotary, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t, "image", cond_ids=ids, grid=(8, 8)), cond)  # as heads pass it
