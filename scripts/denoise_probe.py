@@ -12,11 +12,21 @@ which an attribute's score collapses is where the trunk would have had to decide
 
 ``--grid`` writes one row per start (the first eight images), under the real images and their
 renderings by the tokenizer. Uses the checkpoint's weights (EMA ones when the run had the callback).
+
+``--swap shape`` (or any attribute of the scene annotations) asks whether the trunk READS that word:
+the one-object scenes are denoised with their caption's word for it replaced by another value
+("a large red circle" -> "a large red square"), and the result is judged twice, against the caption
+it was given (``follows caption``) and against the scene it started from (``follows image``). A trunk
+that uses the word follows the caption once the start leaves it room to redraw (start >= 0.6); one
+that ignores it follows the image at low starts and neither at high ones.
+
+    python scripts/denoise_probe.py --ckpt runs/generation_shapes --start 0.4 0.6 1.0 --swap shape
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +62,34 @@ def _judge(head: GenerationHead, images: torch.Tensor, batch: dict, scores: dict
         scores.setdefault("label", []).append(hits)
 
 
+def _swapped(batch: dict, name: str, values: list[str], column: int, tokenizer) -> dict | None:
+    """The batch's one-object items with the caption's ``name`` word replaced by another value of it
+    (value index + 1 + item % (n - 1), so every other value occurs) -> a batch with the new
+    ``text_ids``/``text_lengths``/``objects`` and the old objects as ``objects_image``; None if none."""
+    keep = [i for i in range(len(batch["text"])) if batch["objects"][i, 1, 0] < 0]
+    ids, objects, images, originals = [], [], [], []
+    for n, i in enumerate(keep):
+        old = int(batch["objects"][i, 0, column])
+        new = (old + 1 + n % (len(values) - 1)) % len(values)
+        text, count = re.subn(rf"\b{re.escape(values[old])}\b", values[new], batch["text"][i], count=1)
+        if not count:
+            continue  # the caption does not name it with the annotation's word
+        ids.append(tokenizer.encode(text)[0])
+        swapped = batch["objects"][i].clone()
+        swapped[0, column] = new
+        objects.append(swapped)
+        originals.append(batch["objects"][i])
+        images.append(i)
+    if not images:
+        return None
+    lengths = torch.tensor([len(x) for x in ids])
+    padded = torch.full((len(ids), int(lengths.max())), tokenizer.pad_id, dtype=torch.long)
+    for row, x in enumerate(ids):
+        padded[row, : len(x)] = x
+    return {"text_ids": padded, "text_lengths": lengths, "objects": torch.stack(objects),
+            "objects_image": torch.stack(originals), "index": torch.tensor(images)}
+
+
 def _summary(scores: dict) -> dict[str, float]:
     out = {}
     if "scene" in scores:
@@ -72,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="sampling steps over the whole range (default: the head's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", type=Path, default=None, help="write the first eight images of each start here")
+    p.add_argument("--swap", default=None, metavar="ATTRIBUTE",
+                   help="denoise one-object scenes with this attribute's word swapped in the caption (e.g. shape)")
     args = p.parse_args(argv)
     if any(not 0 < s <= 1 for s in args.start):
         p.error(f"--start values must be in (0, 1], got {args.start}")
@@ -94,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     data = data.tasks[task] if hasattr(data, "tasks") else data
     batches = _batches(data.val_dataloader(), args.samples)
     steps = args.steps or head.sample_steps
+    if args.swap is not None:
+        attributes = getattr(data, "attributes", None) or {}
+        if head.scene_judge is None or head.condition != "text" or args.swap not in attributes:
+            raise SystemExit(f"--swap {args.swap}: needs a caption-conditioned head with a scene judge and "
+                             f"the attribute in the data's annotations ({sorted(attributes)})")
+        column = 2 + list(attributes).index(args.swap)
+        return _swap_probe(head, backbone, batches, args, steps, attributes[args.swap], column, data.tokenizer)
     dtype = autocast_dtype("cpu")
 
     rows = [torch.cat([b["image"] for b in batches])[:8]]
@@ -131,6 +178,34 @@ def main(argv: list[str] | None = None) -> int:
         args.grid.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.ascontiguousarray(pixels)).save(args.grid)
         print(f"wrote {args.grid}: real, through the tokenizer, then one row per start {args.start}")
+    return 0
+
+
+def _swap_probe(head: GenerationHead, backbone, batches: list[dict], args, steps: int, values: list[str],
+                column: int, tokenizer) -> int:
+    """``--swap``: denoise one-object scenes with the attribute's word swapped; judge against both."""
+    swaps = [(batch, _swapped(batch, args.swap, values, column, tokenizer)) for batch in batches]
+    swaps = [(b, s) for b, s in swaps if s is not None]
+    total = sum(len(s["index"]) for _, s in swaps)
+    if not total:
+        raise SystemExit(f"--swap {args.swap}: no one-object validation scene whose caption names its "
+                         f"{args.swap} with the annotation's word ({values})")
+    print(f"{total} one-object validation scenes, their caption's {args.swap} word swapped; "
+          f"{head.sampler or 'ddim'} sampler, guidance {head.guidance}")
+    for start in args.start:
+        generator = torch.Generator().manual_seed(args.seed)
+        follows: dict[str, dict] = {"caption": {}, "image": {}}
+        for batch, swap in swaps:
+            x0, _ = head._latents(backbone, batch)
+            with torch.autocast("cpu", dtype=autocast_dtype("cpu"), enabled=autocast_dtype("cpu") is not None):
+                _, images = head.generate(backbone, text_ids=swap["text_ids"], text_lengths=swap["text_lengths"],
+                                          generator=generator, steps=max(1, round(steps * start)),
+                                          x_start=x0[swap["index"]], start=start)
+            _judge(head, images.float(), {"objects": swap["objects"]}, follows["caption"])
+            _judge(head, images.float(), {"objects": swap["objects_image"]}, follows["image"])
+        line = {who: {k.split("/")[1]: round(v, 3) for k, v in _summary(s).items() if k.startswith("1_object")}
+                for who, s in follows.items()}
+        print(f"start {start:.2f}: follows caption {line['caption']}; follows image {line['image']}", flush=True)
     return 0
 
 

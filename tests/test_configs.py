@@ -150,6 +150,38 @@ def test_f2_tokenizer_under_generation_shapes(shard_dir: Path, tmp_path: Path, c
     assert all("all_captions/all" in line and "judge_acc" in line for line in scored), lines
     with Image.open(grid) as image:  # 4 rows (real, through the tokenizer, two starts) of the 4 square images
         assert image.height == image.width > 0
+    # --swap: the test shards' captions are random words, so no scene's caption names its shape
+    with pytest.raises(SystemExit, match="no one-object validation scene whose caption names its shape"):
+        probe.main(["--ckpt", str(run), "--start", "0.6", "--samples", "8", "--steps", "2", "--swap", "shape"])
+    with pytest.raises(SystemExit, match="--swap texture"):
+        probe.main(["--ckpt", str(run), "--start", "0.6", "--samples", "4", "--swap", "texture"])
+    _check_swapped_captions(probe)
+
+
+def _check_swapped_captions(probe) -> None:
+    """denoise_probe's --swap batch: one-object scenes only, the word and its annotation both swapped."""
+    import torch
+
+    class Words:  # a stand-in tokenizer: one id a word
+        pad_id = 0
+
+        def encode(self, text: str) -> tuple:
+            return torch.tensor([len(w) for w in text.split()]), False
+
+    shapes = ["circle", "square", "triangle", "diamond", "cross"]
+    objects = torch.full((3, 3, 5), -1.0)
+    objects[0, 0] = torch.tensor([0.5, 0.5, 0, 0, 1])  # a large red circle
+    objects[1, :2] = torch.tensor([[0.3, 0.5, 2, 4, 1], [0.7, 0.5, 0, 1, 0]])  # two objects: left alone
+    objects[2, 0] = torch.tensor([0.5, 0.5, 1, 3, 0])  # a small green diamond
+    batch = {"text": ["a large red circle", "a large blue cross left of a small red square",
+                      "there is a little green diamond"], "objects": objects}
+    out = probe._swapped(batch, "shape", shapes, 3, Words())
+    assert out["index"].tolist() == [0, 2]
+    assert out["objects"][:, 0, 3].tolist() == [1.0, 0.0]  # circle -> square; diamond -> circle (+2)
+    assert torch.equal(out["objects_image"], objects[[0, 2]])
+    assert out["text_lengths"].tolist() == [4, 6]
+    assert out["text_ids"].tolist() == [[1, 5, 3, 6, 0, 0],  # "a large red square" (word lengths), padded
+                                        [5, 2, 1, 6, 5, 6]]  # "there is a little green circle"
 
 
 def test_caption_64_on_a_64_px_tokenizer(shard_dir: Path, tmp_path: Path) -> None:
