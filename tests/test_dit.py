@@ -7,7 +7,8 @@ import warnings
 import pytest
 import torch
 
-from multimodal.dit import PRESETS, DiffusionTransformer, patchify, unpatchify
+from multimodal.dit import PRESETS, DiffusionTransformer
+from multimodal.dit_blocks import patchify, unpatchify
 
 D = 8
 
