@@ -76,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dit-repo", default=str(ROOT / ".peers" / "DiT"),
                         help="a clone of facebookresearch/DiT (its models.py); skipped when missing")
     parser.add_argument("--no-diffusers", action="store_true", help="leave diffusers out")
+    parser.add_argument("--rope", action="store_true", help="also time ours with rotary positions (rope=True)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (CUDA)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="accelerator bf16 peak for MFU")
     parser.add_argument("--seed", type=int, default=0)
@@ -105,15 +106,20 @@ def _load_dit(repo: Path):
 
 def build_peers(args: argparse.Namespace, cfg: dict) -> list[Peer]:
     C, grid = args.dim, args.grid
-    ours = DiffusionTransformer(in_dim=C, preset=args.preset, patch_size=args.patch, num_classes=args.classes)
 
-    def predict_ours(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        B = x.shape[0]
-        tokens = x.flatten(2).transpose(1, 2)  # [B, H*W, C], row-major
-        out = ours(tokens, t, "image", y=y, grid=(grid, grid))
-        return out.transpose(1, 2).reshape(B, C, grid, grid)
+    def ours(name: str, **kwargs: bool) -> Peer:
+        trunk = DiffusionTransformer(in_dim=C, preset=args.preset, patch_size=args.patch, num_classes=args.classes,
+                                     **kwargs)
 
-    peers = [Peer("ours", ours, predict_ours)]
+        def predict(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            B = x.shape[0]
+            tokens = x.flatten(2).transpose(1, 2)  # [B, H*W, C], row-major
+            out = trunk(tokens, t, "image", y=y, grid=(grid, grid))
+            return out.transpose(1, 2).reshape(B, C, grid, grid)
+
+        return Peer(name, trunk, predict)
+
+    peers = [ours("ours")] + ([ours("ours + rope", rope=True)] if args.rope else [])
     repo = Path(args.dit_repo)
     if (repo / "models.py").is_file():
         dit_models = _load_dit(repo)
