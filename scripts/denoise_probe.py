@@ -18,7 +18,11 @@ the one-object scenes are denoised with their caption's word for it replaced by 
 ("a large red circle" -> "a large red square"), and the result is judged twice, against the caption
 it was given (``follows caption``) and against the scene it started from (``follows image``). A trunk
 that uses the word follows the caption once the start leaves it room to redraw (start >= 0.6); one
-that ignores it follows the image at low starts and neither at high ones.
+that ignores it follows the image at low starts and neither at high ones. Before sampling, the same
+scenes give the trunk's diffusion loss at fixed timesteps (``--loss-t``, the same noise for every
+caption) with the true caption, the swapped one and none: ``word share = (swapped - true) / (none -
+true)`` is the part of what the caption tells the trunk at that t that the word carries (0: the trunk
+ignores the word). It needs no sampling, so it shows a word being learnt long before samples do.
 
     python scripts/denoise_probe.py --ckpt runs/generation_shapes --start 0.4 0.6 1.0 --swap shape
 """
@@ -112,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", type=Path, default=None, help="write the first eight images of each start here")
     p.add_argument("--swap", default=None, metavar="ATTRIBUTE",
                    help="denoise one-object scenes with this attribute's word swapped in the caption (e.g. shape)")
+    p.add_argument("--loss-t", type=int, nargs="+", default=[200, 400, 600, 800],
+                   help="with --swap: timesteps of the true / swapped / no-caption loss table")
     args = p.parse_args(argv)
     if any(not 0 < s <= 1 for s in args.start):
         p.error(f"--start values must be in (0, 1], got {args.start}")
@@ -181,6 +187,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _loss_table(head: GenerationHead, backbone, swaps: list[tuple[dict, dict]], args) -> None:
+    """``--swap``: the diffusion loss at fixed t with the true caption, the swapped one and none."""
+    for t_value in args.loss_t:
+        if not 0 <= t_value < head.diffusion.num_timesteps:
+            raise SystemExit(f"--loss-t {t_value}: outside [0, {head.diffusion.num_timesteps})")
+        sums = {"true": 0.0, "swapped": 0.0, "none": 0.0}
+        count = 0
+        for k, (batch, swap) in enumerate(swaps):
+            x0 = head._latents(backbone, batch)[0][swap["index"]]
+            n = len(x0)
+            t = torch.full((n,), t_value, dtype=torch.long)
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed + k))
+            true_ids, true_lengths = batch["text_ids"][swap["index"]], batch["text_lengths"][swap["index"]]
+            for name, ids, lengths in (("true", true_ids, true_lengths),
+                                       ("swapped", swap["text_ids"], swap["text_lengths"]),
+                                       ("none", true_ids, torch.zeros_like(true_lengths))):  # all masked: null
+                kwargs = head._model_kwargs(backbone, n, text_ids=ids, text_lengths=lengths)
+                loss, _ = head.diffusion.training_loss(backbone.trunk, x0, t=t, noise=noise, **kwargs)
+                sums[name] += float(loss) * n
+            count += n
+        loss = {k: v / count for k, v in sums.items()}
+        share = (loss["swapped"] - loss["true"]) / max(loss["none"] - loss["true"], 1e-12)
+        print(f"loss at t = {t_value}: true caption {loss['true']:.4f}, {args.swap} swapped {loss['swapped']:.4f}, "
+              f"no caption {loss['none']:.4f}; word share {share:.2f}", flush=True)
+
+
 def _swap_probe(head: GenerationHead, backbone, batches: list[dict], args, steps: int, values: list[str],
                 column: int, tokenizer) -> int:
     """``--swap``: denoise one-object scenes with the attribute's word swapped; judge against both."""
@@ -192,6 +224,7 @@ def _swap_probe(head: GenerationHead, backbone, batches: list[dict], args, steps
                          f"{args.swap} with the annotation's word ({values})")
     print(f"{total} one-object validation scenes, their caption's {args.swap} word swapped; "
           f"{head.sampler or 'ddim'} sampler, guidance {head.guidance}")
+    _loss_table(head, backbone, swaps, args)
     for start in args.start:
         generator = torch.Generator().manual_seed(args.seed)
         follows: dict[str, dict] = {"caption": {}, "image": {}}

@@ -156,6 +156,34 @@ def test_f2_tokenizer_under_generation_shapes(shard_dir: Path, tmp_path: Path, c
     with pytest.raises(SystemExit, match="--swap texture"):
         probe.main(["--ckpt", str(run), "--start", "0.6", "--samples", "4", "--swap", "texture"])
     _check_swapped_captions(probe)
+    _check_loss_table(probe, run, capsys)
+
+
+def _check_loss_table(probe, run: Path, capsys: pytest.CaptureFixture) -> None:
+    """denoise_probe's loss table on the tiny run: a "swap" to the same caption loses nothing (share 0)."""
+    import argparse
+
+    import torch
+
+    from multimodal.checkpoint import resolve_checkpoint, run_datamodule
+    from tasks import MultiTaskModule
+
+    ckpt = resolve_checkpoint(str(run))
+    model = MultiTaskModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
+    data = run_datamodule(ckpt, stage="validate")
+    batch = next(iter(data.val_dataloader()))
+    same = {"text_ids": batch["text_ids"], "text_lengths": batch["text_lengths"],
+            "index": torch.arange(len(batch["text"]))}
+    capsys.readouterr()
+    with torch.no_grad():
+        probe._loss_table(model.heads["shapes"], model.backbone, [(batch, same)],
+                          argparse.Namespace(loss_t=[100, 900], seed=0, swap="shape"))
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["loss at t = 100", "loss at t = 900"], lines
+    for line in lines:
+        numbers = [float(w.strip(",;")) for w in line.split(":")[1].split() if w[0].isdigit()]
+        true, swapped, none, share = numbers
+        assert true == swapped and share == 0.0 and none > 0, line
 
 
 def _check_swapped_captions(probe) -> None:
