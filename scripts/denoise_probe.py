@@ -208,9 +208,10 @@ def _loss_table(head: GenerationHead, backbone, swaps: list[tuple[dict, dict]], 
                 sums[name] += float(loss) * n
             count += n
         loss = {k: v / count for k, v in sums.items()}
-        share = (loss["swapped"] - loss["true"]) / max(loss["none"] - loss["true"], 1e-12)
-        print(f"loss at t = {t_value}: true caption {loss['true']:.4f}, {args.swap} swapped {loss['swapped']:.4f}, "
-              f"no caption {loss['none']:.4f}; word share {share:.2f}", flush=True)
+        gain = loss["none"] - loss["true"]  # what the caption is worth at this t
+        share = f"{(loss['swapped'] - loss['true']) / gain:.2f}" if gain > 0 else "n/a (the caption does not help here)"
+        print(f"loss at t = {t_value}: true caption {loss['true']:.5f}, {args.swap} swapped {loss['swapped']:.5f}, "
+              f"no caption {loss['none']:.5f}; word share {share}", flush=True)
 
 
 def _swap_probe(head: GenerationHead, backbone, batches: list[dict], args, steps: int, values: list[str],

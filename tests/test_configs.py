@@ -182,8 +182,9 @@ def _check_loss_table(probe, run: Path, capsys: pytest.CaptureFixture) -> None:
     assert [line.split(":")[0] for line in lines] == ["loss at t = 100", "loss at t = 900"], lines
     for line in lines:
         numbers = [float(w.strip(",;")) for w in line.split(":")[1].split() if w[0].isdigit()]
-        true, swapped, none, share = numbers
-        assert true == swapped and share == 0.0 and none > 0, line
+        true, swapped, none = numbers[:3]
+        assert true == swapped and none > 0, line
+        assert line.endswith("word share 0.00" if none > true else "(the caption does not help here)"), line
 
 
 def _check_swapped_captions(probe) -> None:
