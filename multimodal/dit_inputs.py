@@ -14,6 +14,7 @@ uses the trunk's ``in_dim``, ``hidden_size``, ``num_heads``, ``patch_size``, ``x
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -29,36 +30,31 @@ GRID_MODALITIES = ("image",)  # 2-D token grids; the others are 1-D sequences
 class TrunkInputs:
     """Token embedding of latents and condition tokens, and the position tables (see the module docstring)."""
 
+    def _cached(self, key: tuple, compute: Callable[[], Tensor]) -> Tensor:
+        """A position table, cached per key (sizes, device) in eager mode, computed in-graph under
+        torch.compile; the cache is kept bounded (variable-length audio)."""
+        if torch.compiler.is_compiling():
+            return compute()
+        table = self._pos_cache.get(key)
+        if table is None:
+            if len(self._pos_cache) > 64:
+                self._pos_cache.clear()
+            table = self._pos_cache[key] = compute()
+        return table
+
     def _positions(self, kind: str, size: tuple[int, ...], device: torch.device) -> Tensor:
-        """Fixed sin-cos table [S, hidden] float32 for a 2-D grid (``kind='2d'``) or a 1-D sequence;
-        cached per (kind, size, device) in eager mode, computed in-graph under torch.compile."""
+        """Fixed sin-cos table [S, hidden] float32 for a 2-D grid (``kind='2d'``) or a 1-D sequence."""
         def compute() -> Tensor:
             if kind == "2d":
                 return sincos_2d(self.hidden_size, size[0], size[1], device=device)
             return sincos_1d(self.hidden_size, torch.arange(size[0], device=device))
 
-        if torch.compiler.is_compiling():
-            return compute()
-        key = (kind, size, str(device))
-        table = self._pos_cache.get(key)
-        if table is None:
-            if len(self._pos_cache) > 64:  # variable-length audio: keep the cache bounded
-                self._pos_cache.clear()
-            table = self._pos_cache[key] = compute()
-        return table
+        return self._cached((kind, size, str(device)), compute)
 
     def _rope(self, segments: list[Segment], device: torch.device) -> Tensor:
-        """The rotation table [S, 2 * head_dim] of a joint sequence (cached like the sin-cos positions)."""
+        """The rotation table [S, 2 * head_dim] of a joint sequence."""
         head_dim = self.hidden_size // self.num_heads
-        if torch.compiler.is_compiling():
-            return rope_table(segments, head_dim, device)
-        key = ("rope", tuple(segments), str(device))
-        table = self._pos_cache.get(key)
-        if table is None:
-            if len(self._pos_cache) > 64:
-                self._pos_cache.clear()
-            table = self._pos_cache[key] = rope_table(segments, head_dim, device)
-        return table
+        return self._cached(("rope", tuple(segments), str(device)), lambda: rope_table(segments, head_dim, device))
 
     @staticmethod
     def _segment(n: int, grid: tuple[int, int] | None, p: int) -> Segment:
