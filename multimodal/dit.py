@@ -9,7 +9,8 @@ One forward (the token embedding is :class:`multimodal.dit_inputs.TrunkInputs`, 
 :mod:`multimodal.dit_blocks`)::
 
     tokens = Linear(patchify(x)) + sincos positions + modality embedding            [B, N', H]
-             (``rope``: attention's q and k also rotated by their 2-D / 1-D position, multimodal.rope)
+             (``rope``: attention's q and k also rotated by their 2-D / 1-D position, multimodal.rope;
+              ``conv_mlp``: a depthwise conv over the grid inside each block's MLP)
     c      = TimestepEmbedder(t) + LabelEmbedder(y)                                  [B, H]
            (+ PooledConditionEmbedder(condition tokens) with ``pool_condition``)
     h      = [condition tokens ; tokens]  (joint attention, padding masked)          [B, L + N', H]
@@ -43,7 +44,6 @@ final projection, so every block starts as the identity and the output starts at
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -76,7 +76,8 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
         depth, hidden_size, num_heads, mlp_ratio: override the preset when not None.
         patch_size: p in {1, 2, 4}; image grids are patchified p x p (audio and text always use 1);
             4 is for a finely down-sampled codec (f = 2) whose grid would otherwise give too many tokens.
-            A trunk that generates needs ``in_dim * p**2 <= hidden_size`` (a warning says so otherwise).
+            A trunk that generates images needs ``in_dim * p**2 <= hidden_size`` (the generation head
+            warns otherwise: ``tasks.heads.generation``).
         num_classes: size of the class table (plus one null row); 0 for no classes (null row only).
         class_dropout_prob: training probability of replacing a label by the null label.
         text_vocab_size: size of the text-condition embedding table; 0 disables ``cond_ids``.
@@ -94,6 +95,9 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
             1-D on audio, none on text condition tokens) besides the sin-cos ones added to the tokens:
             attention scores that depend on offsets, so what is learnt about an outline at one place
             holds at every place. Needs ``hidden_size / num_heads`` divisible by 4.
+        conv_mlp: a depthwise 3 x 3 convolution inside every block's MLP over the image (patch) grid, 3
+            over audio, none over text (:class:`multimodal.dit_blocks.ConvMlp`, zero-initialised):
+            a translation-equivariant local filter in every block, for outlines at any place.
     """
 
     def __init__(
@@ -116,6 +120,7 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
         sequence_output: bool = True,
         gelu: str = "exact",
         rope: bool = False,
+        conv_mlp: bool = False,
     ) -> None:
         super().__init__()
         if gelu not in GELU_LAYERS:
@@ -147,16 +152,6 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"DiffusionTransformer: {name} must be in [0, 1), got {p!r}")
 
-        if in_dim * patch_size**2 > hidden_size:
-            # The final layer is a Linear(hidden_size -> in_dim * p^2): its predictions span at most
-            # hidden_size of a patch's in_dim * p^2 channels. The noise in the other directions is never
-            # predicted, so sampling never removes it (measured: README, caption -> image).
-            warnings.warn(
-                f"DiffusionTransformer: a {patch_size} x {patch_size} patch of {in_dim}-dim latents has "
-                f"{in_dim * patch_size**2} channels but hidden_size is {hidden_size}: a trunk that GENERATES "
-                "images cannot denoise the rest; use a smaller patch_size or code dim, or a wider trunk "
-                "(harmless for a trunk that only encodes)", stacklevel=2)
-
         self.in_dim = in_dim
         self.depth = depth
         self.hidden_size = hidden_size
@@ -169,6 +164,7 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
         self.cond_dropout_prob = cond_dropout_prob
         self.grad_checkpointing = grad_checkpointing
         self.rope = rope
+        self.conv_mlp = conv_mlp
 
         p2 = patch_size * patch_size
         self.x_embedder = nn.Linear(in_dim * p2, hidden_size)  # image patches (and sequences when p = 1)
@@ -179,7 +175,8 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
         self.modality_embed = nn.Parameter(torch.zeros(len(MODALITIES), hidden_size))
         self.cond_pool = PooledConditionEmbedder(hidden_size) if pool_condition else None
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, r, gelu) for r in rates)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, r, gelu, conv_mlp)
+                                    for r in rates)
         self.final_layer = FinalLayer(hidden_size, in_dim * p2, in_dim if patch_size > 1 and sequence_output else None)
         self._pos_cache: dict[tuple, Tensor] = {}
         self.initialize_weights()
@@ -271,17 +268,19 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
             attn_mask = valid[:, None, None, :]  # [B, 1, 1, S]: broadcast over heads and queries
 
         rope = self._rope(segments, device) if self.rope else None
-        return self._blocks(tokens, c, attn_mask, rope)[:, L:], c, grid
+        layout = tuple(segments) if self.conv_mlp else None
+        return self._blocks(tokens, c, attn_mask, rope, layout)[:, L:], c, grid
 
-    def _blocks(self, h: Tensor, c: Tensor, attn_mask: Tensor | None, rope: Tensor | None = None) -> Tensor:
+    def _blocks(self, h: Tensor, c: Tensor, attn_mask: Tensor | None, rope: Tensor | None = None,
+                layout: tuple | None = None) -> Tensor:
         """The DiT blocks: tokens [B, S, hidden], c [B, hidden], attn_mask [B, 1, 1, S] bool or None,
-        rope [S, 2 * head_dim] or None."""
+        rope [S, 2 * head_dim] or None, layout (``conv_mlp``: the segments, :mod:`multimodal.rope`) or None."""
         use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if use_checkpoint:
-                h = checkpoint(block, h, c, attn_mask, rope, use_reentrant=False)
+                h = checkpoint(block, h, c, attn_mask, rope, layout, use_reentrant=False)
             else:
-                h = block(h, c, attn_mask, rope)
+                h = block(h, c, attn_mask, rope, layout)
         return h
 
     def forward(

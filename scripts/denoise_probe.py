@@ -147,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
                              f"the attribute in the data's annotations ({sorted(attributes)})")
         column = 2 + list(attributes).index(args.swap)
         return _swap_probe(head, backbone, batches, args, steps, attributes[args.swap], column, data.tokenizer)
-    dtype = autocast_dtype("cpu")
 
     rows = [torch.cat([b["image"] for b in batches])[:8]]
     codec_scores: dict = {}
@@ -168,11 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         shown = None
         for batch, x0 in zip(batches, latents):
             cond = head._batch_conditions(batch)
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-                _, images = head.generate(backbone, y=cond.get("y"), text_ids=cond.get("text_ids"),
-                                          text_lengths=cond.get("text_lengths"), generator=generator,
-                                          steps=max(1, round(steps * start)), x_start=x0, start=start)
-            images = images.float()
+            images = _denoise(head, backbone, x0, start, steps, generator, y=cond.get("y"),
+                              text_ids=cond.get("text_ids"), text_lengths=cond.get("text_lengths"))
             _judge(head, images, batch, scores)
             shown = images[:8] if shown is None else shown
         rows.append(shown)
@@ -185,6 +181,17 @@ def main(argv: list[str] | None = None) -> int:
         Image.fromarray(np.ascontiguousarray(pixels)).save(args.grid)
         print(f"wrote {args.grid}: real, through the tokenizer, then one row per start {args.start}")
     return 0
+
+
+def _denoise(head: GenerationHead, backbone, x0: torch.Tensor, start: float, steps: int,
+             generator: torch.Generator, **cond) -> torch.Tensor:
+    """SDEdit: x0 [B, N, D] noised to ``start`` and denoised with ``cond`` (y / text_ids, text_lengths) in
+    ``round(steps * start)`` steps under the CPU's autocast -> decoded images [B, 3, H, W] float."""
+    dtype = autocast_dtype("cpu")
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        _, images = head.generate(backbone, generator=generator, steps=max(1, round(steps * start)),
+                                  x_start=x0, start=start, **cond)
+    return images.float()
 
 
 def _loss_table(head: GenerationHead, backbone, swaps: list[tuple[dict, dict]], args) -> None:
@@ -231,12 +238,10 @@ def _swap_probe(head: GenerationHead, backbone, batches: list[dict], args, steps
         follows: dict[str, dict] = {"caption": {}, "image": {}}
         for batch, swap in swaps:
             x0, _ = head._latents(backbone, batch)
-            with torch.autocast("cpu", dtype=autocast_dtype("cpu"), enabled=autocast_dtype("cpu") is not None):
-                _, images = head.generate(backbone, text_ids=swap["text_ids"], text_lengths=swap["text_lengths"],
-                                          generator=generator, steps=max(1, round(steps * start)),
-                                          x_start=x0[swap["index"]], start=start)
-            _judge(head, images.float(), {"objects": swap["objects"]}, follows["caption"])
-            _judge(head, images.float(), {"objects": swap["objects_image"]}, follows["image"])
+            images = _denoise(head, backbone, x0[swap["index"]], start, steps, generator,
+                              text_ids=swap["text_ids"], text_lengths=swap["text_lengths"])
+            _judge(head, images, {"objects": swap["objects"]}, follows["caption"])
+            _judge(head, images, {"objects": swap["objects_image"]}, follows["image"])
         line = {who: {k.split("/")[1]: round(v, 3) for k, v in _summary(s).items() if k.startswith("1_object")}
                 for who, s in follows.items()}
         print(f"start {start:.2f}: follows caption {line['caption']}; follows image {line['image']}", flush=True)

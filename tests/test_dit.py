@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -68,9 +66,9 @@ def test_patchify_roundtrip() -> None:
     assert torch.equal(unpatchify(p, (4, 6), 2), x)
 
 
-@pytest.mark.parametrize("patch, rope", [(1, False), (2, False), (2, True)])
-def test_audio_padding_does_not_leak(patch: int, rope: bool) -> None:
-    model = randomize(make(patch_size=patch, rope=rope))
+@pytest.mark.parametrize("patch, extra", [(1, {}), (2, {}), (2, {"rope": True}), (1, {"conv_mlp": True})])
+def test_audio_padding_does_not_leak(patch: int, extra: dict) -> None:
+    model = randomize(make(patch_size=patch, **extra))
     lengths = torch.tensor([10, 6, 3])
     mask = torch.arange(10)[None, :] < lengths[:, None]
     x = torch.randn(3, 10, D)
@@ -347,16 +345,6 @@ def test_gelu_choice() -> None:
         DiffusionTransformer(in_dim=8, preset="tiny", gelu="relu")
 
 
-def test_warns_when_a_patch_is_wider_than_the_trunk() -> None:
-    """The final Linear(hidden -> in_dim * p^2) spans at most `hidden` directions of a patch: a generating
-    trunk could not denoise the rest, so the constructor says so (tiny preset: hidden 64)."""
-    with pytest.warns(UserWarning, match="256 channels but hidden_size is 64"):
-        make(in_dim=16, patch_size=4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        make(in_dim=16, patch_size=2)  # 64 channels: within the width
-
-
 # ---------------------------------------------------------------------------------------------- rope
 
 
@@ -406,3 +394,74 @@ def test_rope_in_the_trunk() -> None:
     compiled = torch.compile(rotary, backend="eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, t, "image", cond_ids=ids, grid=(8, 8)), cond)  # as heads pass it
+
+
+# ---------------------------------------------------------------------------------------------- conv_mlp
+
+
+def test_conv_mlp_is_a_local_filter_on_grids_only() -> None:
+    """ConvMlp: a token's output depends on its 3 x 3 grid neighbourhood (its 3 neighbours on a sequence),
+    the same way at every place; text tokens get the plain MLP; a zero kernel is the plain MLP."""
+    from multimodal.dit_blocks import ConvMlp
+
+    torch.manual_seed(0)
+    mlp = ConvMlp(8, 16, torch.nn.GELU)
+    layout = (("none", (3,)), ("grid", (5, 6)), ("sequence", (7,)))
+    x = torch.randn(2, 3 + 30 + 7, 8)
+    plain = mlp.fc2(mlp.act(mlp.fc1(x)))
+    torch.testing.assert_close(mlp(x, layout), plain)  # zero-initialised kernel
+    torch.nn.init.normal_(mlp.dwconv.weight)
+    with torch.no_grad():
+        out = mlp(x, layout)
+        torch.testing.assert_close(out[:, :3], plain[:, :3])  # text: no convolution
+        bumped = x.clone()
+        bumped[:, 3 + 2 * 6 + 3] += 1.0  # grid token (row 2, col 3)
+        changed = (mlp(bumped, layout) - out).abs().amax(dim=(0, 2)) > 1e-6
+        grid_changed = changed[3:33].reshape(5, 6).nonzero().tolist()
+        assert grid_changed == [[r, c] for r in (1, 2, 3) for c in (2, 3, 4)]
+        assert not changed[:3].any() and not changed[33:].any()
+        seq = x.clone()
+        seq[:, 33 + 4] += 1.0
+        assert ((mlp(seq, layout) - out).abs().amax(dim=(0, 2)) > 1e-6).nonzero().flatten().tolist() == [36, 37, 38]
+        # translation equivariance away from the border: the same pattern one column right
+        img = torch.zeros(1, 30, 8)
+        img[0, 1 * 6 + 1] = img[0, 2 * 6 + 2] = 1.0
+        moved = torch.roll(img.reshape(1, 5, 6, 8), 1, dims=2).reshape(1, 30, 8)
+        a = mlp(img, (("grid", (5, 6)),)).reshape(5, 6, 8)
+        b = mlp(moved, (("grid", (5, 6)),)).reshape(5, 6, 8)
+        torch.testing.assert_close(b[:, 2:5], a[:, 1:4])
+    with pytest.raises(ValueError, match="covers 30 tokens but the sequence has 40"):
+        mlp(x, (("grid", (5, 6)),))
+
+
+def test_conv_mlp_in_the_trunk() -> None:
+    """conv_mlp starts as the plain trunk (same weights, zero kernels), changes image outputs once its
+    kernels are non-zero, and keeps CFG, gradient checkpointing, bf16 and torch.compile consistent."""
+    plain = randomize(make(patch_size=2))
+    conv = make(patch_size=2, conv_mlp=True)
+    missing = conv.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(".mlp.dwconv." in k for k in missing)
+    x = torch.randn(2, 64, D)
+    ids = torch.tensor([[4, 5, 6], [7, 8, 9]])
+    t = torch.tensor([100, 700])
+    torch.testing.assert_close(conv(x, t, "image", cond_ids=ids), plain(x, t, "image", cond_ids=ids))
+    randomize(conv)
+    cond = conv(x, t, "image", cond_ids=ids)
+    assert (cond - plain(x, t, "image", cond_ids=ids)).abs().max() > 1e-3
+    torch.testing.assert_close(conv.text_features(ids), plain.text_features(ids))  # text: no convolution
+    uncond = conv(x, t, "image")
+    torch.testing.assert_close(conv.forward_with_cfg(x, t, "image", 2.0, cond_ids=ids),
+                               uncond + 2.0 * (cond - uncond), atol=1e-5, rtol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (conv(x, t, "image", cond_ids=ids).float() - cond).abs().max() < 0.05
+    compiled = torch.compile(conv, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t, "image", cond_ids=ids, grid=(8, 8)), cond)
+    grads = []
+    for ckpt in (False, True):
+        conv.grad_checkpointing = ckpt
+        conv.zero_grad()
+        conv.train()(x, t, "image", cond_ids=ids, drop_condition=False).square().sum().backward()
+        grads.append(conv.blocks[0].mlp.dwconv.weight.grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -95,6 +96,21 @@ def test_bad_generation_settings_fail_at_start(tokenizer_run: Path, shard_dir: P
         trainer.fit(model, WebDataModule(root=str(shard_dir), keys=["image", "label"], batch_size=2))
     with pytest.raises(FileNotFoundError, match=r"no last.ckpt \(no checkpoint at all\) under"):
         Backbone(tokenizer_ckpt=str(tmp_path), trunk=_trunk())
+
+
+def test_warns_when_a_patch_is_wider_than_the_trunk(tokenizer_run: Path) -> None:
+    """The final Linear(hidden -> in_dim * p^2) spans at most `hidden` directions of a patch: an image
+    generation head on such a trunk could not denoise the rest, so attaching it says so (tiny preset:
+    hidden 64, 16-dim codes); a trunk that only encodes, or a narrower patch, is left alone."""
+    wide = lambda: Backbone(tokenizer_ckpt=str(tokenizer_run), trunk=_trunk(num_classes=3, patch_size=4))  # noqa: E731
+    with pytest.warns(UserWarning, match="256 channels but the trunk's hidden_size is 64"):
+        MultiTaskModule(wide(), {"gen": GenerationHead("image", "label", num_classes=3)})
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        DiffusionTransformer(in_dim=16, preset="tiny", patch_size=4)
+        MultiTaskModule(Backbone(tokenizer_ckpt=str(tokenizer_run), trunk=_trunk(num_classes=3, patch_size=2)),
+                        {"gen": GenerationHead("image", "label", num_classes=3)})
+    assert not [w for w in seen if "cannot denoise" in str(w.message)]
 
 
 def _tiny_generation_config(name: str, shard_dir: Path, tokenizer_run: Path, run_dir: Path) -> dict:

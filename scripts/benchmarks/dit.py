@@ -77,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a clone of facebookresearch/DiT (its models.py); skipped when missing")
     parser.add_argument("--no-diffusers", action="store_true", help="leave diffusers out")
     parser.add_argument("--rope", action="store_true", help="also time ours with rotary positions (rope=True)")
+    parser.add_argument("--conv-mlp", action="store_true",
+                        help="also time ours with a depthwise conv in every MLP (conv_mlp=True)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (CUDA)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="accelerator bf16 peak for MFU")
     parser.add_argument("--seed", type=int, default=0)
@@ -120,6 +122,7 @@ def build_peers(args: argparse.Namespace, cfg: dict) -> list[Peer]:
         return Peer(name, trunk, predict)
 
     peers = [ours("ours")] + ([ours("ours + rope", rope=True)] if args.rope else [])
+    peers += [ours("ours + conv_mlp", conv_mlp=True)] if args.conv_mlp else []
     repo = Path(args.dit_repo)
     if (repo / "models.py").is_file():
         dit_models = _load_dit(repo)

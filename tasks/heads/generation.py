@@ -39,6 +39,7 @@ and seen/unseen attribute combinations); the same judge on the real validation i
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from typing import Any
 
@@ -188,6 +189,15 @@ class GenerationHead(Judged, Head):
                 f"model.backbone.trunk.in_dim={trunk.in_dim} does not match the tokenizer's latent size "
                 f"(quantizer dim={backbone.quantizer.dim})"
             )
+        channels = trunk.in_dim * trunk.patch_size**2
+        if self.modality == "image" and channels > trunk.hidden_size:
+            # The final layer is a Linear(hidden_size -> in_dim * p^2): its predictions span at most
+            # hidden_size of a patch's channels. The noise in the other directions is never predicted,
+            # so sampling never removes it (measured: README, caption -> image).
+            warnings.warn(
+                f"head {task!r}: a {trunk.patch_size} x {trunk.patch_size} patch of {trunk.in_dim}-dim latents has "
+                f"{channels} channels but the trunk's hidden_size is {trunk.hidden_size}: it cannot denoise the "
+                "rest; use a smaller patch_size or code dim, or a wider trunk", stacklevel=2)
         if self.condition == "label" and trunk.num_classes < self.num_classes:
             raise ValueError(f"head {task!r}: trunk num_classes={trunk.num_classes} < the head's num_classes={self.num_classes}")
         if self.condition == "text" and not trunk.text_vocab_size:
