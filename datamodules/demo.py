@@ -177,6 +177,34 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
+def draw_background(rng: np.random.Generator) -> tuple[bool, np.ndarray]:
+    """A scene's background: dark or light (even odds), a grey level with a slight tint -> (dark, rgb)."""
+    dark = bool(rng.random() < 0.5)
+    level = rng.integers(*(DARK_BACKGROUND if dark else LIGHT_BACKGROUND))
+    return dark, np.clip(level + rng.integers(-8, 9, size=3), 0, 255)
+
+
+def draw_jitter(rng: np.random.Generator) -> np.ndarray:
+    """An object's colour jitter: an offset in [-COLOUR_JITTER, COLOUR_JITTER] a channel."""
+    return rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3)
+
+
+def object_rgb(colour: str, jitter: np.ndarray) -> np.ndarray:
+    """The 0-255 RGB an object of ``colour`` is painted in, with its ``jitter``."""
+    return np.clip(np.array(COLOURS[colour]) + jitter, 0, 255)
+
+
+def render_scene(objects: list[dict[str, Any]], rgbs: list[Any], background: Any) -> Image.Image:
+    """A 32 x 32 RGB scene: ``objects`` (``shape``, centre ``x``, ``y`` and half-extent ``r`` in pixels)
+    painted in order in colours ``rgbs`` (0-255 triples) over ``background``, antialiased by drawing
+    at ``SUPERSAMPLE`` x and averaging (box filter)."""
+    canvas = np.empty((IMAGE_SIZE * SUPERSAMPLE, IMAGE_SIZE * SUPERSAMPLE, 3), dtype=np.uint8)
+    canvas[:] = background
+    for obj, rgb in zip(objects, rgbs, strict=True):
+        canvas[_shape_mask(obj["shape"], obj["x"], obj["y"], obj["r"])] = rgb
+    return Image.fromarray(canvas, mode="RGB").reduce(SUPERSAMPLE)
+
+
 def _relation(anchor: dict[str, Any], other: dict[str, Any]) -> str | None:
     """Where ``anchor`` is relative to ``other`` (left/right/above/below), None when ambiguous."""
     dx, dy = anchor["x"] - other["x"], anchor["y"] - other["y"]
@@ -262,17 +290,9 @@ def _shapes_scene(rng: np.random.Generator, train: bool = False) -> tuple[Image.
         used.add((shape, colour))
         obj["shape"], obj["colour"] = shape, colour
 
-    dark = bool(rng.random() < 0.5)
-    level = rng.integers(*(DARK_BACKGROUND if dark else LIGHT_BACKGROUND))
-    background = np.clip(level + rng.integers(-8, 9, size=3), 0, 255)
-    canvas = np.empty((IMAGE_SIZE * SUPERSAMPLE, IMAGE_SIZE * SUPERSAMPLE, 3), dtype=np.uint8)
-    canvas[:] = background
-    for obj in objects:
-        rgb = np.clip(
-            np.array(COLOURS[obj["colour"]]) + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3), 0, 255
-        )
-        canvas[_shape_mask(obj["shape"], obj["x"], obj["y"], obj["r"])] = rgb
-    image = Image.fromarray(canvas, mode="RGB").reduce(SUPERSAMPLE)  # box filter: antialiasing
+    dark, background = draw_background(rng)
+    rgbs = [object_rgb(obj["colour"], draw_jitter(rng)) for obj in objects]
+    image = render_scene(objects, rgbs, background)
 
     meta = {"objects": objects, "background": "dark" if dark else "light"}
     return image, _captions(objects), SHAPES.index(objects[0]["shape"]), meta

@@ -157,6 +157,27 @@ def test_f2_tokenizer_under_generation_shapes(shard_dir: Path, tmp_path: Path, c
         probe.main(["--ckpt", str(run), "--start", "0.6", "--samples", "4", "--swap", "texture"])
     _check_swapped_captions(probe)
     _check_loss_table(probe, run, capsys)
+    _check_ideal_observer(run, capsys)
+
+
+def _check_ideal_observer(run: Path, capsys: pytest.CaptureFixture) -> None:
+    """scripts/ideal_observer.py on the tiny run: one line a noise level, accuracies in [0, 1], and the
+    observer is never worse than chance by much on (nearly) clean latents."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ideal_observer", CONFIGS.parent / "scripts" / "ideal_observer.py")
+    observer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(observer)
+    capsys.readouterr()
+    assert observer.main(["--ckpt", str(run), "--start", "0", "1", "--scenes", "8", "--draws", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("8 one-object scenes, 5 values of shape each") and "chance 0.200" in lines[0]
+    scored = [line for line in lines if line.startswith("start ")]
+    assert [line.split()[1] for line in scored] == ["0.00", "1.00"] and "(t = 0," in scored[0]
+    accuracy = [json.loads(line.split("shape ")[1].replace("'", '"'))["all"] for line in scored]
+    assert all(0.0 <= a <= 1.0 for a in accuracy), scored
+    with pytest.raises(SystemExit):
+        observer.main(["--ckpt", str(run), "--start", "1.5"])
 
 
 def _check_loss_table(probe, run: Path, capsys: pytest.CaptureFixture) -> None:
