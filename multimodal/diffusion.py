@@ -169,6 +169,17 @@ class GaussianDiffusion(nn.Module):
 
     # ------------------------------------------------------------------ training
 
+    def sample_timesteps(self, batch: int, device: torch.device | str) -> Tensor:
+        """Training times, uniform: [B] long in [0, T) (diffusion) or float in [0, 1) (flow)."""
+        if self.objective == "flow":
+            return torch.rand(batch, device=device)
+        return torch.randint(0, self.num_timesteps, (batch,), device=device)
+
+    def time_fraction(self, t: Tensor) -> Tensor:
+        """Times [B] (as :meth:`sample_timesteps` gives them) -> the fraction of the time range, float [B]
+        (0 = clean)."""
+        return t.float() if self.objective == "flow" else t.float() / self.num_timesteps
+
     def training_loss(
         self,
         model_fn: Callable[..., Tensor],
@@ -188,10 +199,7 @@ class GaussianDiffusion(nn.Module):
         x0 = self.normalize(x0)
         B = x0.shape[0]
         if t is None:
-            if self.objective == "flow":
-                t = torch.rand(B, device=x0.device)
-            else:
-                t = torch.randint(0, self.num_timesteps, (B,), device=x0.device)
+            t = self.sample_timesteps(B, x0.device)
         noise = torch.randn_like(x0) if noise is None else noise
         x_t = self.q_sample(x0, t, noise)
         if self.objective == "flow":
@@ -214,8 +222,7 @@ class GaussianDiffusion(nn.Module):
 
         logs = {"loss": loss.detach()}
         with torch.no_grad():
-            frac = t.float() if self.objective == "flow" else t.float() / self.num_timesteps
-            quarter = (frac * 4).long().clamp(0, 3)
+            quarter = (self.time_fraction(t) * 4).long().clamp(0, 3)
             for q in range(4):
                 sel = (quarter == q).to(per_sample.dtype)
                 logs[f"loss_q{q}"] = (per_sample * sel).sum() / (tokens * sel).sum().clamp(min=1)

@@ -35,6 +35,12 @@ generated image and scores it against the objects the caption described, GenEval
 (``scene/<group>/<score>``: count, each attribute, relation, all at once; per 1/2/3-object captions
 and seen/unseen attribute combinations); the same judge on the real validation images
 (``scene_real/...``, its ceiling) and on them through the codec (``scene_codec/...``, the tokenizer's).
+
+A scene map (``scene_map='probe'`` or ``'supervise'``, needs ``scene_attributes``): a linear read-out of
+block ``scene_map_layer``'s image tokens, asked where each object is and what its attributes are
+while the trunk denoises (:mod:`tasks.heads.scene_map`): a probe of what the trunk knows, by noise
+level (``scene_map/<attribute>_acc_q<q>``), or an auxiliary loss (weight ``scene_map_weight``) that
+trains the trunk to know it.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import MeanMetric, MetricCollection
 
 from multimodal.backbone import Backbone
 from multimodal.diffusion import GaussianDiffusion
@@ -53,8 +60,11 @@ from multimodal.mel import LOG_SILENCE
 from tasks.heads.base import Head, check_modality, clean_latents
 from tasks.heads.generation_judges import Judged
 from tasks.heads.labels import ClassNames
+from tasks.heads.scene_map import MODES as SCENE_MAP_MODES
+from tasks.heads.scene_map import SceneMap
 from tasks.heads.vocab import TextVocabulary
 from tasks.judge import JudgeNet
+from tasks.metrics import update_fp32
 from tasks.scene_judge import SceneJudge
 from tasks.transcriber import Transcriber
 
@@ -79,6 +89,8 @@ class GenerationHead(Judged, Head):
     sample_steps / sampler / eta / guidance: sampling at evaluation and prediction.
     eval_samples / eval_every_n / eval_batch: generated samples per evaluation, how often, in chunks of.
     judge: train the judge network (needs ``label`` in the data); judge_width / judge_weight its size and loss weight.
+    scene_map: ``off``, ``probe`` or ``supervise`` (:mod:`tasks.heads.scene_map`; images with ``scene_attributes``);
+        scene_map_layer (1-based block), scene_map_weight (its loss weight when it supervises).
     judge_pool: the judge's pooling (``tasks.judge.JudgeNet``); default ``mean`` for images, ``peak``
         (max over time) for audio, whose word is a short part of a clip padded with silence.
     num_media: generated samples written to TensorBoard per evaluation.
@@ -120,6 +132,9 @@ class GenerationHead(Judged, Head):
         judge_batch: int = 16,
         judge_decoded: bool = True,
         judge_pool: str | None = None,
+        scene_map: str = "off",
+        scene_map_layer: int = 2,
+        scene_map_weight: float = 0.25,
     ) -> None:
         super().__init__()
         modality_keys = check_modality(modality, "generation")
@@ -151,6 +166,15 @@ class GenerationHead(Judged, Head):
             if modality != "image":
                 raise ValueError("generation head: scene_attributes (the scene judge) is for images")
             keys.append("objects")
+        if scene_map not in SCENE_MAP_MODES:
+            raise ValueError(f"generation head: scene_map must be one of {SCENE_MAP_MODES}, got {scene_map!r}")
+        if scene_map != "off" and not (scene_attributes and modality == "image"):
+            raise ValueError("generation head: scene_map needs images with scene annotations (scene_attributes)")
+        if scene_map_layer < 1 or scene_map_weight < 0:
+            raise ValueError(f"generation head: scene_map_layer must be >= 1 and scene_map_weight >= 0, got "
+                             f"{scene_map_layer}, {scene_map_weight}")
+        self.scene_map_mode, self.scene_map_layer, self.scene_map_weight = scene_map, scene_map_layer, scene_map_weight
+        self.scene_map: SceneMap | None = None  # built at attach: it needs the trunk's width
         if transcriber:
             if modality != "audio":
                 raise ValueError("generation head: the transcriber is for audio")
@@ -208,6 +232,12 @@ class GenerationHead(Judged, Head):
             self.text_vocab.size = int(trunk.text_vocab_size)
         if self.use_transcriber and self.transcriber is None:
             self.transcriber = Transcriber(backbone.codec("audio").n_mels, int(trunk.text_vocab_size))
+        if self.scene_map_mode != "off" and self.scene_map is None:
+            if self.scene_map_layer > len(trunk.blocks):
+                raise ValueError(f"head {task!r}: scene_map_layer={self.scene_map_layer} but the trunk has "
+                                 f"{len(trunk.blocks)} blocks")
+            self.scene_map = SceneMap(trunk.hidden_size, self.scene_attributes, self.scene_map_layer,
+                                      self.scene_map_mode)
 
     def bind_data(self, data: Any, task: str) -> None:
         if self.class_names is not None:
@@ -284,13 +314,46 @@ class GenerationHead(Judged, Head):
             self.diffusion.set_latent_scale_from(x0, mask)  # summed over ranks under DDP
             self.scale_measured.fill_(True)
         kwargs = self._model_kwargs(backbone, x0.shape[0], **self._batch_conditions(batch))
-        loss, logs = self.diffusion.training_loss(backbone.trunk, x0, x_mask=mask, **kwargs)
-        logs = {f"diffusion/{k}": v for k, v in logs.items()}
+        if self.scene_map is None:
+            loss, logs = self.diffusion.training_loss(backbone.trunk, x0, x_mask=mask, **kwargs)
+            logs = {f"diffusion/{k}": v for k, v in logs.items()}
+        else:
+            t = self.diffusion.sample_timesteps(x0.shape[0], x0.device)
+            with self.scene_map.capture(backbone.trunk):
+                loss, logs = self.diffusion.training_loss(backbone.trunk, x0, x_mask=mask, t=t, **kwargs)
+            logs = {f"diffusion/{k}": v for k, v in logs.items()}
+            p = backbone.trunk.patch_size
+            h, w = kwargs["grid"]
+            map_loss, map_logs = self.scene_map.loss(batch["objects"], (h // p, w // p), self.diffusion.time_fraction(t))
+            logs.update({f"scene_map/{k}": v for k, v in map_logs.items()})
+            # a probe's loss reaches only the probe (its input is detached): weight 1, nothing else moves
+            loss = loss + (self.scene_map_weight if self.scene_map.mode == "supervise" else 1.0) * map_loss
         logs["latent_scale"] = self.diffusion.latent_scale.detach()
         judges_loss, judges_logs = self.judges_loss(backbone, batch)
         logs.update(judges_logs)
         loss = loss + self.judge_weight * judges_loss
         return loss, logs
+
+    # ------------------------------------------------------------------ evaluation
+    def build_metrics(self, backbone: Backbone) -> MetricCollection:
+        metrics = super().build_metrics(backbone)
+        if self.scene_map_mode != "off":  # (built before attach); per quarter: a batch may have none in one
+            metrics.add_metrics({f"scene_map/{name}_acc{q}": MeanMetric()
+                                 for name in self.scene_attributes for q in ("", "_q0", "_q1", "_q2", "_q3")})
+            metrics.add_metrics({"scene_map/loss": MeanMetric()})
+        return metrics
+
+    def evaluate(self, backbone: Backbone, batch: dict[str, Any], metrics: MetricCollection) -> dict[str, Tensor]:
+        logs = super().evaluate(backbone, batch, metrics)
+        if self.scene_map is not None:  # what the loss above left: its map's loss and per-object results
+            hits = self.scene_map.last_hits
+            update_fp32(metrics["scene_map/loss"], hits["loss"])
+            for name in self.scene_attributes:
+                update_fp32(metrics[f"scene_map/{name}_acc"], hits[name].float(), hits["real"].float())
+                for q in range(4):
+                    sel = hits["real"] & (hits["quarter"] == q)
+                    update_fp32(metrics[f"scene_map/{name}_acc_q{q}"], hits[name].float(), sel.float())
+        return logs
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
