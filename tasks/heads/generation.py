@@ -52,7 +52,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import MetricCollection
 
 from multimodal.backbone import Backbone
 from multimodal.diffusion import GaussianDiffusion
@@ -61,10 +61,9 @@ from tasks.heads.base import Head, check_modality, clean_latents
 from tasks.heads.generation_judges import Judged
 from tasks.heads.labels import ClassNames
 from tasks.heads.scene_map import MODES as SCENE_MAP_MODES
-from tasks.heads.scene_map import SceneMap
+from tasks.heads.scene_map import SceneMap, scene_map_metrics
 from tasks.heads.vocab import TextVocabulary
 from tasks.judge import JudgeNet
-from tasks.metrics import update_fp32
 from tasks.scene_judge import SceneJudge
 from tasks.transcriber import Transcriber
 
@@ -337,22 +336,14 @@ class GenerationHead(Judged, Head):
     # ------------------------------------------------------------------ evaluation
     def build_metrics(self, backbone: Backbone) -> MetricCollection:
         metrics = super().build_metrics(backbone)
-        if self.scene_map_mode != "off":  # (built before attach); per quarter: a batch may have none in one
-            metrics.add_metrics({f"scene_map/{name}_acc{q}": MeanMetric()
-                                 for name in self.scene_attributes for q in ("", "_q0", "_q1", "_q2", "_q3")})
-            metrics.add_metrics({"scene_map/loss": MeanMetric()})
+        if self.scene_map_mode != "off":  # built before attach, so not by the map itself
+            metrics.add_metrics(scene_map_metrics(self.scene_attributes))
         return metrics
 
     def evaluate(self, backbone: Backbone, batch: dict[str, Any], metrics: MetricCollection) -> dict[str, Tensor]:
         logs = super().evaluate(backbone, batch, metrics)
-        if self.scene_map is not None:  # what the loss above left: its map's loss and per-object results
-            hits = self.scene_map.last_hits
-            update_fp32(metrics["scene_map/loss"], hits["loss"])
-            for name in self.scene_attributes:
-                update_fp32(metrics[f"scene_map/{name}_acc"], hits[name].float(), hits["real"].float())
-                for q in range(4):
-                    sel = hits["real"] & (hits["quarter"] == q)
-                    update_fp32(metrics[f"scene_map/{name}_acc_q{q}"], hits[name].float(), sel.float())
+        if self.scene_map is not None:
+            self.scene_map.update_metrics(metrics)  # what the loss above left
         return logs
 
     # ------------------------------------------------------------------ generation

@@ -29,6 +29,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import MeanMetric, MetricCollection
+
+from tasks.metrics import update_fp32
 
 MODES = ("off", "probe", "supervise")
 
@@ -53,6 +56,13 @@ def centre_tokens(objects: Tensor, grid: tuple[int, int]) -> Tensor:
     col = (objects[..., 0].float() * w).long().clamp(0, w - 1)
     row = (objects[..., 1].float() * h).long().clamp(0, h - 1)
     return row * w + col
+
+
+def scene_map_metrics(attributes: dict[str, int]) -> dict[str, MeanMetric]:
+    """Evaluation metrics: the map's loss, each attribute's accuracy at the objects' centres over all
+    times and per quarter of the time range (a batch may have no object in a quarter: weighted means)."""
+    metrics = {f"scene_map/{name}_acc{q}": MeanMetric() for name in attributes for q in ("", "_q0", "_q1", "_q2", "_q3")}
+    return {**metrics, "scene_map/loss": MeanMetric()}
 
 
 class SceneMap(nn.Module):
@@ -103,6 +113,16 @@ class SceneMap(nn.Module):
             yield
         finally:
             handle.remove()
+
+    def update_metrics(self, metrics: MetricCollection) -> None:
+        """Add the last :meth:`loss`'s results to :func:`scene_map_metrics`'s metrics."""
+        hits = self.last_hits
+        update_fp32(metrics["scene_map/loss"], hits["loss"])
+        for name in self.attributes:
+            update_fp32(metrics[f"scene_map/{name}_acc"], hits[name].float(), hits["real"].float())
+            for q in range(4):
+                sel = hits["real"] & (hits["quarter"] == q)
+                update_fp32(metrics[f"scene_map/{name}_acc_q{q}"], hits[name].float(), sel.float())
 
     def forward(self, h: Tensor) -> tuple[Tensor, list[Tensor]]:
         """h [B, N', hidden] -> (objectness logits [B, N'], [logits [B, N', n_a] per attribute])."""
