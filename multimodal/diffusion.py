@@ -212,10 +212,13 @@ class GaussianDiffusion(nn.Module):
             model_kwargs["x_mask"] = x_mask
         out = model_fn(x_t, self.model_timesteps(t), **model_kwargs)
         err = (out.float() - target.float()).square().mean(dim=-1)  # [B, N]
-        if x_mask is None:
-            valid = torch.ones_like(err)
-        else:
-            valid = x_mask.to(err.dtype)
+        valid = torch.ones_like(err) if x_mask is None else x_mask.to(err.dtype)
+        return self.reduce_loss(err, valid, t)
+
+    def reduce_loss(self, err: Tensor, valid: Tensor, t: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """A per-token loss err [B, N] (fp32), valid [B, N] (1 = real token) and the times t [B] ->
+        (the mean over valid tokens, logs: ``loss`` and its mean per quarter of the time range,
+        ``loss_q0`` = least noisy)."""
         per_sample = (err * valid).sum(dim=1)  # [B]
         tokens = valid.sum(dim=1)  # [B]
         loss = per_sample.sum() / tokens.sum().clamp(min=1)
@@ -227,6 +230,20 @@ class GaussianDiffusion(nn.Module):
                 sel = (quarter == q).to(per_sample.dtype)
                 logs[f"loss_q{q}"] = (per_sample * sel).sum() / (tokens * sel).sum().clamp(min=1)
         return loss, logs
+
+    def prediction_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+        """What this process's model predicts at (x_t, t) when its estimate of the clean latents is x0
+        (all NORMALISED, [B, ...]; t [B] on the model's scale, as the samplers pass it) -> eps, v, or the
+        flow velocity eps - x0. For denoisers that estimate x0 directly
+        (:class:`multimodal.score_interpolation.CodeDenoiser`)."""
+        if self.objective == "flow":
+            s = _expand(t.float() / self.num_timesteps, x_t.dim()).clamp(min=1e-4)  # the samplers stop short of 0
+            return (x_t - x0) / s
+        t = t.long()
+        a = _expand(self.sqrt_alphas_cumprod[t], x_t.dim()).to(x_t.dtype)
+        b = _expand(self.sqrt_one_minus_alphas_cumprod[t], x_t.dim()).to(x_t.dtype)
+        eps = (x_t - a * x0) / b
+        return a * eps - b * x0 if self.prediction == "v" else eps
 
     # ------------------------------------------------------------------ sampling
 

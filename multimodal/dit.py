@@ -70,7 +70,10 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
     """A DiT over token latents of every modality.
 
     Args:
-        in_dim: latent dim D of the shared code space (input and output channels per token).
+        in_dim: latent dim D of the shared code space (input channels per token, and output channels
+            unless ``out_dim`` is set).
+        out_dim: output channels per latent token when they are not D: the codebook size K for a trunk
+            that predicts logits over the codes (:class:`multimodal.score_interpolation.CodeDenoiser`).
         preset: ``tiny`` (2 x 64, 2 heads; tests), ``cpu`` (6 x 256, 4 heads), ``S`` (12 x 384, 6),
             ``B`` (12 x 768, 12), ``L`` (24 x 1024, 16), ``XL`` (28 x 1152, 16); mlp_ratio 4.
         depth, hidden_size, num_heads, mlp_ratio: override the preset when not None.
@@ -121,6 +124,7 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
         gelu: str = "exact",
         rope: bool = False,
         conv_mlp: bool = False,
+        out_dim: int | None = None,
     ) -> None:
         super().__init__()
         if gelu not in GELU_LAYERS:
@@ -129,7 +133,8 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
                              num_heads=num_heads, mlp_ratio=mlp_ratio)
         depth, hidden_size, num_heads, mlp_ratio = (cfg["depth"], cfg["hidden_size"], cfg["num_heads"],
                                                     cfg["mlp_ratio"])
-        _check_positive(in_dim=in_dim, depth=depth, hidden_size=hidden_size, num_heads=num_heads,
+        out_dim = in_dim if out_dim is None else out_dim
+        _check_positive(in_dim=in_dim, out_dim=out_dim, depth=depth, hidden_size=hidden_size, num_heads=num_heads,
                         frequency_size=frequency_size)
         if hidden_size % num_heads:
             raise ValueError(f"DiffusionTransformer: hidden_size={hidden_size} must be divisible by "
@@ -153,6 +158,7 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
                 raise ValueError(f"DiffusionTransformer: {name} must be in [0, 1), got {p!r}")
 
         self.in_dim = in_dim
+        self.out_dim = out_dim
         self.depth = depth
         self.hidden_size = hidden_size
         self.num_heads = num_heads
@@ -177,7 +183,7 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, r, gelu, conv_mlp)
                                     for r in rates)
-        self.final_layer = FinalLayer(hidden_size, in_dim * p2, in_dim if patch_size > 1 and sequence_output else None)
+        self.final_layer = FinalLayer(hidden_size, out_dim * p2, out_dim if patch_size > 1 and sequence_output else None)
         self._pos_cache: dict[tuple, Tensor] = {}
         self.initialize_weights()
 
@@ -304,7 +310,8 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
         (rectified flow passes 1000 * s for s in [0, 1]); modality ``image`` (grid ``(h, w)``, square
         if None) or ``audio``; y [B] long or None (-1 / None = null label); cond_ids [B, L] long or
         cond_latents [B, L, D] (+ cond_modality, cond_grid) with cond_mask [B, L] bool (True = real
-        token); x_mask [B, N] bool (True = real token). Returns [B, N, D]; padded positions are 0.
+        token); x_mask [B, N] bool (True = real token). Returns [B, N, out_dim] (out_dim = D unless set);
+        padded positions are 0.
         """
         h, c, grid = self._trunk(x, t, modality, y, cond_ids, cond_mask, x_mask, grid, drop_condition,
                                  cond_latents, cond_modality, cond_grid)

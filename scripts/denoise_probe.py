@@ -211,7 +211,7 @@ def _loss_table(head: GenerationHead, backbone, swaps: list[tuple[dict, dict]], 
                                        ("swapped", swap["text_ids"], swap["text_lengths"]),
                                        ("none", true_ids, torch.zeros_like(true_lengths))):  # all masked: null
                 kwargs = head._model_kwargs(backbone, n, text_ids=ids, text_lengths=lengths)
-                loss, _ = head.diffusion.training_loss(backbone.trunk, x0, t=t, noise=noise, **kwargs)
+                loss, _ = head.denoising_loss(backbone, x0, None, t, noise=noise, **kwargs)
                 sums[name] += float(loss) * n
             count += n
         loss = {k: v / count for k, v in sums.items()}

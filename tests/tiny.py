@@ -34,6 +34,7 @@ SHRINK: dict[str, dict[str, Any]] = {
 IF_SET: dict[str, Any] = {
     "num_classes": NUM_CLASSES,
     "text_vocab_size": 64,
+    "out_dim": 64,  # a trunk that gives logits over the codes (target: codes): the tiny codebook's size
     "vocab_size": 64,
     "trunk_hidden": TRUNK_HIDDEN,
     "eval_samples": 4,

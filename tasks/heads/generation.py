@@ -36,6 +36,11 @@ generated image and scores it against the objects the caption described, GenEval
 and seen/unseen attribute combinations); the same judge on the real validation images
 (``scene_real/...``, its ceiling) and on them through the codec (``scene_codec/...``, the tokenizer's).
 
+What the trunk learns (``target``): ``latents`` regresses the diffusion's eps / v on the code vectors
+(MSE); ``codes`` gives logits over the codebook for every token, trained with cross-entropy, and denoises
+with their expected code vector (score interpolation, :mod:`multimodal.score_interpolation`; the trunk's
+``out_dim`` is then the codebook size).
+
 A scene map (``scene_map='probe'`` or ``'supervise'``, needs ``scene_attributes``): a linear read-out of
 block ``scene_map_layer``'s image tokens, asked where each object is and what its attributes are
 while the trunk denoises (:mod:`tasks.heads.scene_map`): a probe of what the trunk knows, by noise
@@ -57,6 +62,7 @@ from torchmetrics import MetricCollection
 from multimodal.backbone import Backbone
 from multimodal.diffusion import GaussianDiffusion
 from multimodal.mel import LOG_SILENCE
+from multimodal.score_interpolation import TARGETS, CodeDenoiser
 from tasks.heads.base import Head, check_modality, clean_latents
 from tasks.heads.generation_judges import Judged
 from tasks.heads.labels import ClassNames
@@ -84,6 +90,8 @@ class GenerationHead(Judged, Head):
     condition: ``label`` (class-conditional), ``text`` (caption-conditional) or ``none``.
     num_classes: classes of the data (the trunk's class table and the judge).
     diffusion: the process (default ``GaussianDiffusion()``: linear schedule, eps prediction).
+    target: ``latents`` (the trunk regresses the process's eps / v / velocity: MSE) or ``codes`` (logits
+        over the codebook, cross-entropy; needs ``trunk.out_dim`` = the codebook size; see the module doc).
     audio_tokens: length of generated audio in tokens (25 = 1 s at hop 160, r = 4).
     sample_steps / sampler / eta / guidance: sampling at evaluation and prediction.
     eval_samples / eval_every_n / eval_batch: generated samples per evaluation, how often, in chunks of.
@@ -134,11 +142,15 @@ class GenerationHead(Judged, Head):
         scene_map: str = "off",
         scene_map_layer: int = 2,
         scene_map_weight: float = 0.25,
+        target: str = "latents",
     ) -> None:
         super().__init__()
         modality_keys = check_modality(modality, "generation")
         if condition not in CONDITIONS:
             raise ValueError(f"generation head: condition must be one of {CONDITIONS}, got {condition!r}")
+        if target not in TARGETS:
+            raise ValueError(f"generation head: target must be one of {TARGETS}, got {target!r}")
+        self.target = target
         if guidance < 0:
             raise ValueError(f"generation head: guidance must be >= 0, got {guidance}")
         if sample_steps < 1:
@@ -212,8 +224,15 @@ class GenerationHead(Judged, Head):
                 f"model.backbone.trunk.in_dim={trunk.in_dim} does not match the tokenizer's latent size "
                 f"(quantizer dim={backbone.quantizer.dim})"
             )
+        out_dim = getattr(trunk, "out_dim", trunk.in_dim)
+        if self.target == "codes" and out_dim != backbone.num_codes:
+            raise ValueError(f"head {task!r} (target 'codes') predicts logits over the {backbone.num_codes} codes: set "
+                             f"model.backbone.trunk.init_args.out_dim to {backbone.num_codes} (it is {out_dim})")
+        if self.target == "latents" and out_dim != trunk.in_dim:
+            raise ValueError(f"head {task!r} (target 'latents') regresses latents: the trunk's out_dim={out_dim} must "
+                             f"equal its in_dim={trunk.in_dim} (or set the head's target: codes)")
         channels = trunk.in_dim * trunk.patch_size**2
-        if self.modality == "image" and channels > trunk.hidden_size:
+        if self.modality == "image" and self.target == "latents" and channels > trunk.hidden_size:
             # The final layer is a Linear(hidden_size -> in_dim * p^2): its predictions span at most
             # hidden_size of a patch's channels. The noise in the other directions is never predicted,
             # so sampling never removes it (measured: README, caption -> image).
@@ -313,14 +332,12 @@ class GenerationHead(Judged, Head):
             self.diffusion.set_latent_scale_from(x0, mask)  # summed over ranks under DDP
             self.scale_measured.fill_(True)
         kwargs = self._model_kwargs(backbone, x0.shape[0], **self._batch_conditions(batch))
+        t = self.diffusion.sample_timesteps(x0.shape[0], x0.device)
         if self.scene_map is None:
-            loss, logs = self.diffusion.training_loss(backbone.trunk, x0, x_mask=mask, **kwargs)
-            logs = {f"diffusion/{k}": v for k, v in logs.items()}
+            loss, logs = self.denoising_loss(backbone, x0, mask, t, **kwargs)
         else:
-            t = self.diffusion.sample_timesteps(x0.shape[0], x0.device)
             with self.scene_map.capture(backbone.trunk):
-                loss, logs = self.diffusion.training_loss(backbone.trunk, x0, x_mask=mask, t=t, **kwargs)
-            logs = {f"diffusion/{k}": v for k, v in logs.items()}
+                loss, logs = self.denoising_loss(backbone, x0, mask, t, **kwargs)
             p = backbone.trunk.patch_size
             h, w = kwargs["grid"]
             map_loss, map_logs = self.scene_map.loss(batch["objects"], (h // p, w // p), self.diffusion.time_fraction(t))
@@ -332,6 +349,24 @@ class GenerationHead(Judged, Head):
         logs.update(judges_logs)
         loss = loss + self.judge_weight * judges_loss
         return loss, logs
+
+    def denoiser(self, backbone: Backbone) -> Any:
+        """What the diffusion trains and samples: the trunk, or for ``target='codes'`` the trunk's logits
+        through :class:`multimodal.score_interpolation.CodeDenoiser`."""
+        if self.target == "latents":
+            return backbone.trunk
+        table = backbone.quantizer.lookup(torch.arange(backbone.num_codes, device=backbone.quantizer.codebook.device))
+        return CodeDenoiser(backbone.trunk, self.diffusion, table)
+
+    def denoising_loss(self, backbone: Backbone, x0: Tensor, mask: Tensor | None, t: Tensor,
+                       noise: Tensor | None = None, **kwargs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """The trunk's loss on clean latents x0 [B, N, D] at times t [B] -> (loss, ``diffusion/...`` logs):
+        MSE of eps / v (``target='latents'``) or the cross-entropy of the codes (``'codes'``)."""
+        if self.target == "latents":
+            loss, logs = self.diffusion.training_loss(backbone.trunk, x0, x_mask=mask, t=t, noise=noise, **kwargs)
+        else:
+            loss, logs = self.denoiser(backbone).loss(x0, x_mask=mask, t=t, noise=noise, **kwargs)
+        return loss, {f"diffusion/{k}": v for k, v in logs.items()}
 
     # ------------------------------------------------------------------ evaluation
     def build_metrics(self, backbone: Backbone) -> MetricCollection:
@@ -368,7 +403,7 @@ class GenerationHead(Judged, Head):
         if self.condition == "none":
             guidance = 1.0
         latents = self.diffusion.sample(
-            backbone.trunk, (batch, n_tokens, backbone.quantizer.dim), steps=steps or self.sample_steps,
+            self.denoiser(backbone), (batch, n_tokens, backbone.quantizer.dim), steps=steps or self.sample_steps,
             sampler=self.sampler, eta=self.eta, guidance=guidance, generator=generator, device=device,
             x_start=x_start, start=start, **kwargs,
         )

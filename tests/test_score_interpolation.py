@@ -1,0 +1,124 @@
+"""Score interpolation over the codebook (multimodal/score_interpolation.py): the trunk's logits over the
+codes, seen by the samplers as an ordinary denoiser, trained by cross-entropy."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from multimodal import Backbone, DiffusionTransformer, GaussianDiffusion
+from multimodal.score_interpolation import CodeDenoiser
+from tasks import GenerationHead, MultiTaskModule
+
+K, D = 12, 4
+
+
+def _denoiser(diffusion: GaussianDiffusion | None = None, **trunk_kw) -> tuple[CodeDenoiser, torch.Tensor]:
+    torch.manual_seed(0)
+    trunk = DiffusionTransformer(in_dim=D, preset="tiny", patch_size=2, num_classes=3, out_dim=K, **trunk_kw)
+    book = torch.randn(K, D)
+    diffusion = diffusion or GaussianDiffusion(prediction="v")
+    diffusion.latent_scale.fill_(0.7)
+    return CodeDenoiser(trunk, diffusion, book), book
+
+
+def _random_trunk(trunk: DiffusionTransformer) -> None:
+    """Non-zero final layers: an untrained trunk's zero-initialised output would hide every mix-up; eval
+    mode: no condition dropout, so two calls agree."""
+    trunk.eval()
+    with torch.no_grad():
+        for p in trunk.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.1)
+
+
+@pytest.mark.parametrize("settings", [dict(prediction="v"), dict(prediction="eps"), dict(objective="flow")],
+                         ids=["v", "eps", "flow"])
+def test_the_samplers_see_the_expected_code(settings: dict) -> None:
+    """Whatever the process predicts (eps, v, flow velocity), turning the denoiser's output back into
+    an x0 estimate gives sum_k softmax(logits)_k e_k (normalised codes)."""
+    den, book = _denoiser(GaussianDiffusion(**settings))
+    _random_trunk(den.trunk)
+    diffusion = den.diffusion
+    x = torch.randn(3, 16, D)
+    kw = dict(modality="image", grid=(4, 4), y=torch.tensor([0, 1, 2]))
+    t = torch.tensor([100, 500, 900]) if diffusion.objective == "diffusion" else torch.tensor([100.0, 500.0, 900.0])
+    out = den(x, t, **kw)
+    expected = torch.softmax(den.trunk(x, t, **kw), dim=-1) @ (book * 0.7)
+    if diffusion.objective == "flow":  # x_s = (1 - s) x0 + s eps, velocity eps - x0: x0 = x_s - s v
+        x0 = x - (t / 1000.0)[:, None, None] * out
+    else:
+        x0, _ = diffusion.split_prediction(x, t, out)
+    torch.testing.assert_close(x0, expected, atol=1e-4, rtol=1e-4)
+    # an untrained (zero) trunk: uniform logits, the mean code
+    zero, _ = _denoiser(GaussianDiffusion(**settings))
+    x0_zero = x - (t / 1000.0)[:, None, None] * zero(x, t, **kw) if diffusion.objective == "flow" else \
+        diffusion.split_prediction(x, t, zero(x, t, **kw))[0]
+    torch.testing.assert_close(x0_zero, (book * 0.7).mean(0).expand_as(x0_zero), atol=1e-4, rtol=1e-4)
+
+
+def test_guidance_mixes_the_logits_of_both_halves() -> None:
+    den, book = _denoiser(text_vocab_size=20)
+    _random_trunk(den.trunk)
+    x, t = torch.randn(2, 16, D), torch.tensor([300, 700])
+    ids, mask = torch.randint(0, 20, (2, 5)), torch.ones(2, 5, dtype=torch.bool)
+    kw = dict(modality="image", grid=(4, 4))
+    cond = den.trunk(x, t, cond_ids=ids, cond_mask=mask, **kw)
+    null = den.trunk(x, t, cond_ids=ids, cond_mask=torch.zeros_like(mask), **kw)
+    expected = torch.softmax(null + 3.0 * (cond - null), dim=-1) @ (book * 0.7)
+    x0, _ = den.diffusion.split_prediction(x, t, den.forward_with_cfg(x, t, guidance=3.0, cond_ids=ids, cond_mask=mask, **kw))
+    torch.testing.assert_close(x0, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_cross_entropy_starts_at_log_k_and_learns_the_codes() -> None:
+    """At initialisation every code is equally likely (loss ln K); a few steps on a fixed picture per
+    class drive the loss down and the argmax to the true codes."""
+    den, book = _denoiser()
+    codes = torch.randint(0, K, (3, 16))  # one fixed 4 x 4 picture per class
+    y = torch.tensor([0, 1, 2])
+    loss, logs = den.loss(book[codes], modality="image", grid=(4, 4), y=y)
+    assert abs(loss.item() - math.log(K)) < 1e-4
+    assert {"loss", "loss_q0", "loss_q3", "code_acc"} <= set(logs)
+    opt = torch.optim.Adam(den.trunk.parameters(), lr=3e-3)
+    t = torch.full((3,), 50)  # little noise: the codes can be read from x_t
+    for _ in range(60):
+        opt.zero_grad()
+        loss, logs = den.loss(book[codes], t=t, modality="image", grid=(4, 4), y=y)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.3 * math.log(K) and float(logs["code_acc"]) > 0.8
+
+
+def test_the_codes_are_read_back_exactly_and_padding_is_left_out() -> None:
+    den, book = _denoiser()
+    codes = torch.randint(0, K, (2, 16))
+    assert torch.equal(den.codes_of(book[codes]), codes)
+    trunk = DiffusionTransformer(in_dim=D, preset="tiny", out_dim=K)  # audio: sequences may be padded
+    den = CodeDenoiser(trunk, GaussianDiffusion(prediction="v"), book)
+    _random_trunk(trunk)
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[1, 10:] = False
+    x0 = book[codes]
+    t, noise = torch.tensor([400, 400]), torch.randn(2, 16, D)
+    a, _ = den.loss(x0, x_mask=mask, t=t, noise=noise, modality="audio")
+    x0[1, 10:] = book[0]  # what the padding holds does not matter
+    b, _ = den.loss(x0, x_mask=mask, t=t, noise=noise, modality="audio")
+    torch.testing.assert_close(a, b)
+
+
+def test_a_trunk_without_code_logits_is_refused(tokenizer_run: Path) -> None:
+    book = torch.randn(K, D)
+    with pytest.raises(ValueError, match=f"out_dim to {K} \\(it is {D}\\)"):
+        CodeDenoiser(DiffusionTransformer(in_dim=D, preset="tiny"), GaussianDiffusion(), book)
+    with pytest.raises(ValueError, match="target must be one of"):
+        GenerationHead("image", "label", num_classes=3, target="logits")
+    # the head names the setting against the tokenizer's codebook (the tiny tokenizer: 16-dim, 64 codes)
+    backbone = lambda **kw: Backbone(tokenizer_ckpt=str(tokenizer_run),  # noqa: E731
+                                     trunk=DiffusionTransformer(in_dim=16, preset="tiny", num_classes=3, **kw))
+    with pytest.raises(ValueError, match="set model.backbone.trunk.init_args.out_dim to 64 \\(it is 16\\)"):
+        MultiTaskModule(backbone(), {"gen": GenerationHead("image", "label", num_classes=3, target="codes")})
+    with pytest.raises(ValueError, match="out_dim=64 must equal its in_dim=16"):
+        MultiTaskModule(backbone(out_dim=64), {"gen": GenerationHead("image", "label", num_classes=3)})
