@@ -236,14 +236,20 @@ class GaussianDiffusion(nn.Module):
         (all NORMALISED, [B, ...]; t [B] on the model's scale, as the samplers pass it) -> eps, v, or the
         flow velocity eps - x0. For denoisers that estimate x0 directly
         (:class:`multimodal.score_interpolation.CodeDenoiser`)."""
+        a, b = (_expand(c, x_t.dim()).to(x_t.dtype) for c in self.signal_and_noise(t))
         if self.objective == "flow":
-            s = _expand(t.float() / self.num_timesteps, x_t.dim()).clamp(min=1e-4)  # the samplers stop short of 0
-            return (x_t - x0) / s
-        t = t.long()
-        a = _expand(self.sqrt_alphas_cumprod[t], x_t.dim()).to(x_t.dtype)
-        b = _expand(self.sqrt_one_minus_alphas_cumprod[t], x_t.dim()).to(x_t.dtype)
+            return (x_t - x0) / b.clamp(min=1e-4)  # the samplers stop short of s = 0
         eps = (x_t - a * x0) / b
         return a * eps - b * x0 if self.prediction == "v" else eps
+
+    def signal_and_noise(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """t [B] on the model's scale -> (a, b) [B] float32 with x_t = a x0 + b eps: (sqrt(abar_t),
+        sqrt(1 - abar_t)) for the diffusion, (1 - s, s) with s = t / T for the flow."""
+        if self.objective == "flow":
+            s = t.float() / self.num_timesteps
+            return 1.0 - s, s
+        t = t.long()
+        return self.sqrt_alphas_cumprod[t], self.sqrt_one_minus_alphas_cumprod[t]
 
     # ------------------------------------------------------------------ sampling
 

@@ -6,9 +6,18 @@ unchanged: clean latents are code vectors e_k of the shared codebook (normalised
 instead of regressing eps or v [B, N, D] it gives logits over the K codes for every token [B, N, K]
 (``DiffusionTransformer(out_dim=K)``), and the denoised estimate is the expected code vector
 
-    p(k | x_t, t, c) = softmax(logits)_k,        x0_hat = sum_k p(k | x_t, t, c) e_k,
+    p(k | x_t, t, c) = softmax(l_k + f_k),        x0_hat = sum_k p(k | x_t, t, c) e_k,
 
-trained with cross-entropy against each token's true code. The samplers are untouched: they receive the
+trained with cross-entropy against each token's true code. ``l_k`` is the token's own evidence, the
+log-likelihood of its x_t under code k (x_t = a e_k + b eps, up to a constant in k):
+
+    l_k = -|x_t - a e_k|^2 / (2 b^2) = (a <x_t, e_k> - a^2 |e_k|^2 / 2) / b^2 + const,
+
+so ``softmax(l)`` alone is the exact posterior of a model that knows nothing but that token (a uniform
+prior over codes), and the trunk's logits ``f`` add what the other tokens and the condition say (an
+outline, a caption). Without it the trunk would first have to learn a 512-way nearest-code classifier of
+the codebook to denoise even at low noise, where ``l`` is already sharp (measured: README,
+caption -> image). The samplers are untouched: they receive the
 eps / v / flow velocity that x0_hat and x_t imply (:meth:`GaussianDiffusion.prediction_from_x0`), and
 classifier-free guidance mixes the two halves' logits (the trunk's ``forward_with_cfg``).
 
@@ -43,8 +52,8 @@ class CodeDenoiser:
     them (RAW, i.e. ``quantizer.lookup(arange(K))``).
 
     ``denoiser(x_t, t, **kwargs)`` and ``denoiser.forward_with_cfg(x_t, t, guidance=g, **kwargs)`` return
-    the diffusion's prediction [B, N, D]; :meth:`logits` the trunk's logits [B, N, K];
-    :meth:`loss` the training loss.
+    the diffusion's prediction [B, N, D]; :meth:`logits` the codes' logits [B, N, K]; :meth:`loss` the
+    training loss.
     """
 
     def __init__(self, trunk: nn.Module, diffusion: GaussianDiffusion, codebook: Tensor) -> None:
@@ -63,25 +72,36 @@ class CodeDenoiser:
         flat = x0.detach().float().reshape(-1, x0.shape[-1])
         return nearest_code(flat, self.codebook).view(x0.shape[:-1])
 
+    def token_evidence(self, x: Tensor, t: Tensor) -> Tensor:
+        """Each token's own log-likelihood under every code, l [B, N, K] float32 (the module doc): x [B, N, D]
+        NORMALISED noisy latents, t [B] on the model's scale."""
+        codes = self.diffusion.normalize(self.codebook)  # [K, D]
+        a, b = (c.float()[:, None, None] for c in self.diffusion.signal_and_noise(t))
+        b = b.clamp(min=1e-3)  # the flow's s = 0 (the diffusion's b >= sqrt(beta_0))
+        # fp32 island: code distances, scaled by up to 1 / b^2 = 1e4 at t = 0
+        return (a * (x.float() @ codes.T) - 0.5 * a * a * codes.square().sum(-1)) / (b * b)
+
+    def logits(self, x: Tensor, t: Tensor, trunk_logits: Tensor) -> Tensor:
+        """The codes' logits [B, N, K]: the token's own evidence plus the trunk's."""
+        return self.token_evidence(x, t) + trunk_logits.float()
+
     def expected_code(self, logits: Tensor) -> Tensor:
         """Logits [B, N, K] -> x0_hat [B, N, D] in NORMALISED latent units (the diffusion's space)."""
         codes = self.diffusion.normalize(self.codebook)
         return torch.softmax(logits.float(), dim=-1) @ codes  # fp32: a softmax over K and its expectation
 
-    def _prediction(self, x: Tensor, t: Tensor | float, logits: Tensor) -> Tensor:
+    def _prediction(self, x: Tensor, t: Tensor | float, trunk_logits: Tensor) -> Tensor:
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
-        return self.diffusion.prediction_from_x0(x.float(), t, self.expected_code(logits))
+        return self.diffusion.prediction_from_x0(x.float(), t, self.expected_code(self.logits(x, t, trunk_logits)))
 
     # ------------------------------------------------------------------ the denoiser protocol
-    def logits(self, x: Tensor, t: Tensor | float, **model_kwargs: Any) -> Tensor:
-        return self.trunk(x, t, **model_kwargs)
-
     def __call__(self, x: Tensor, t: Tensor | float, **model_kwargs: Any) -> Tensor:
         return self._prediction(x, t, self.trunk(x, t, **model_kwargs))
 
     def forward_with_cfg(self, x: Tensor, t: Tensor | float, guidance: float, **model_kwargs: Any) -> Tensor:
-        """Guidance on the logits: ``l_u + g (l_c - l_u)``, then the expectation."""
+        """Guidance on the trunk's logits ``f_u + g (f_c - f_u)`` (the token's evidence is the same in both
+        halves), then the expectation."""
         return self._prediction(x, t, self.trunk.forward_with_cfg(x, t, guidance=guidance, **model_kwargs))
 
     # ------------------------------------------------------------------ training
@@ -103,7 +123,8 @@ class CodeDenoiser:
         x_t = diffusion.q_sample(x0, t, noise)
         if x_mask is not None:
             model_kwargs["x_mask"] = x_mask
-        logits = self.trunk(x_t, diffusion.model_timesteps(t), **model_kwargs)
+        model_t = diffusion.model_timesteps(t)
+        logits = self.logits(x_t, model_t, self.trunk(x_t, model_t, **model_kwargs))
         # fp32 island: the loss reduction
         ce = F.cross_entropy(logits.float().reshape(B * N, -1), codes.reshape(-1), reduction="none").view(B, N)
         valid = torch.ones_like(ce) if x_mask is None else x_mask.to(ce.dtype)
