@@ -26,7 +26,7 @@ from probe_loop import add_data_arguments, start, train_alone  # noqa: E402
 
 from datamodules import WebDataModule  # noqa: E402
 from multimodal.audio_codec import AudioCodec  # noqa: E402
-from tasks.heads.generation import judge_mel  # noqa: E402
+from tasks.heads.fixed_length_audio import judge_mel  # noqa: E402
 from tasks.judge import POOLS, JudgeNet  # noqa: E402
 
 

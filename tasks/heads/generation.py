@@ -18,11 +18,8 @@ Every judge is also scored on the real validation data as the frozen tokenizer r
 (``judge_acc_codec``, ``wer_codec``, ``scene_codec/...``): the ceiling a generated sample, always
 a rendering, can reach.
 
-Audio is generated at a fixed length, ``audio_tokens`` (50 = 2 s at hop 160, r = 4): training clips
-are padded to it with the code of digital silence (and cut to it), so the trunk learns where speech
-ends instead of never seeing the tokens past a clip (a padding mask) and then having to fill them at
-sampling. ``data.audio_max_seconds`` should hold whole clips, or crops can cut off the word a class
-or transcript names.
+Audio is generated at a fixed length, ``audio_tokens``, its clips padded with the code of silence
+(:mod:`tasks.heads.fixed_length_audio`).
 
 Text -> speech (``condition='text'`` on audio, ``transcriber=True``): a
 :class:`tasks.transcriber.Transcriber` (CTC, trained on the real clips, its loss never reaching the
@@ -55,15 +52,14 @@ import zlib
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import MetricCollection
 
 from multimodal.backbone import Backbone
 from multimodal.diffusion import GaussianDiffusion
-from multimodal.mel import LOG_SILENCE
 from multimodal.score_interpolation import TARGETS, CodeDenoiser
-from tasks.heads.base import Head, check_modality, clean_latents
+from tasks.heads.base import Head, check_modality
+from tasks.heads.fixed_length_audio import FixedLengthAudio
 from tasks.heads.generation_judges import Judged
 from tasks.heads.labels import ClassNames
 from tasks.heads.scene_map import MODES as SCENE_MAP_MODES
@@ -76,15 +72,7 @@ from tasks.transcriber import Transcriber
 CONDITIONS = ("label", "text", "none")
 
 
-def judge_mel(mel: Tensor, frames: int) -> Tensor:
-    """log-mel [B, n_mels, F] -> the judges' input [B, 1, n_mels, frames]: padded with the log-mel of
-    silence (what the codec gives silence) or cut to ``frames``, scaled to roughly [-1.6, 1]."""
-    if mel.shape[-1] < frames:
-        mel = F.pad(mel, (0, frames - mel.shape[-1]), value=LOG_SILENCE)
-    return ((mel[..., :frames] + 5.0) / 4.0).unsqueeze(1)
-
-
-class GenerationHead(Judged, Head):
+class GenerationHead(Judged, FixedLengthAudio, Head):
     """Args:
     modality: ``image`` or ``audio``.
     condition: ``label`` (class-conditional), ``text`` (caption-conditional) or ``none``.
@@ -205,7 +193,6 @@ class GenerationHead(Judged, Head):
         self.scene_judge = (SceneJudge(3, list(self.scene_attributes.values()), scene_width,
                                        colour_index=colour[0] if colour else None) if scene_attributes else None)
         self._heldout: list[dict[int, int]] = []  # held-out combinations as {attribute column: value}
-        self._silence_code: Tensor | None = None  # derived from the tokenizer: not checkpointed
         self.register_buffer("scale_measured", torch.tensor(False))
         self._floor: list[Tensor] = []  # reservoir of real training judge inputs (not checkpointed)
         self._seen = 0
@@ -267,29 +254,6 @@ class GenerationHead(Judged, Head):
                                   getattr(data, "heldout_combinations", None) or [])
 
     # ------------------------------------------------------------------ pieces
-    def _latents(self, backbone: Backbone, batch: dict[str, Any]) -> tuple[Tensor, None]:
-        """Clean latents [B, N, D]; audio padded with silence (and cut) to ``audio_tokens``: no padding mask."""
-        x0, lengths = clean_latents(backbone, batch, self.modality)
-        if self.modality == "image":
-            return x0, None
-        n = self.audio_tokens
-        silence = self._silence(backbone).to(x0.dtype)
-        x0 = torch.cat([x0, silence.expand(x0.shape[0], max(0, n - x0.shape[1]), -1)], dim=1)[:, :n]
-        real = torch.arange(n, device=x0.device)[None, :, None] < lengths[:, None, None]
-        return torch.where(real, x0, silence), None
-
-    @torch.no_grad()
-    def _silence(self, backbone: Backbone) -> Tensor:
-        """The code vector [D] the tokenizer gives digital silence (a token away from the edges); computed
-        once for a frozen tokenizer, not at every training step."""
-        device = backbone.quantizer.codebook.device
-        if self._silence_code is not None and backbone.freeze_tokenizer and self._silence_code.device == device:
-            return self._silence_code
-        codec = backbone.codec("audio")
-        zeros = torch.zeros(1, 8 * codec.samples_per_token, device=device)
-        self._silence_code = backbone.quantized_latents("audio", zeros)[0][0, 4]
-        return self._silence_code
-
     def latent_request(self, backbone: Backbone) -> tuple[str, tuple[str, ...]] | None:
         """The codes of the modality it generates; the raw modality too when a judge trains on it."""
         raw = self.judge is not None or self.scene_judge is not None
@@ -313,17 +277,6 @@ class GenerationHead(Judged, Head):
         if self.condition == "text":
             return {"text_ids": batch["text_ids"], "text_lengths": batch["text_lengths"]}
         return {}
-
-    def judge_input(self, backbone: Backbone, batch: dict[str, Any]) -> Tensor:
-        """Real data as the judge sees it: images, or log-mel [B, 1, n_mels, frames] of fixed length."""
-        if self.modality == "image":
-            return batch["image"]
-        codec = backbone.codec("audio")
-        mel = codec.mel(batch["audio"], batch["audio_lengths"])
-        return self._fixed_mel(mel, codec)
-
-    def _fixed_mel(self, mel: Tensor, codec: nn.Module) -> Tensor:
-        return judge_mel(mel, self.audio_tokens * codec.downsample)
 
     # ------------------------------------------------------------------ training
     def loss(self, backbone: Backbone, batch: dict[str, Any], step: int) -> tuple[Tensor, dict[str, Tensor]]:
