@@ -71,6 +71,21 @@ class MultimodalCLI(LightningCLI):
             parser.set_defaults(weights_only=True)
         return parser
 
+    def _parse_ckpt_path(self) -> None:
+        """The model the user configured wins over the checkpoint's hyperparameters.
+
+        Lightning's LightningCLI re-parses the model from ``--ckpt_path``'s saved hyperparameters on top
+        of the parsed config, so every model setting of ``--config`` or the command line is silently
+        replaced (``lightning test ... --model.init_args.heads.h.init_args.eval_samples 500`` evaluated
+        the training run's 200). Here the checkpoint only fills in a model where none was configured;
+        a configured model that does not fit the checkpoint fails at the state-dict load, by name.
+        (A run folder as ``--ckpt_path`` never went through Lightning's step: now both agree.)"""
+        sub = self.config.get("subcommand")
+        model = self.config[sub].get("model") if sub else None
+        if model is not None and model.get("class_path"):
+            return
+        super()._parse_ckpt_path()
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
         """Add the progress bar that suits stdout (``multimodal.progress``) unless the config has one or
         turned progress bars off."""

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from multimodal.checkpoint import read_checkpoint, resolve_checkpoint, run_datamodule
+from multimodal.diffusion import SAMPLERS
 from tasks import GenerationHead, MultiTaskModule
 
 
@@ -28,6 +29,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0])
     p.add_argument("--samples", type=int, default=500, help="generated samples per guidance")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the head's)")
+    p.add_argument("--sampler", choices=["ddim", "ddpm", "euler"], default=None,
+                   help="the sampler (default: the head's; ddpm is ancestral, euler is for flow)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="DDIM's stochasticity (default: the head's; 0 deterministic, 1 DDPM-like)")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--floor-samples", type=int, default=500, help="real training samples for the floor")
     p.add_argument("--seed", type=int, default=0)
@@ -54,6 +59,16 @@ def main(argv: list[str] | None = None) -> None:
     head.eval_samples = args.samples
     if args.steps:
         head.sample_steps = args.steps
+    if args.sampler is not None:
+        allowed = SAMPLERS[head.diffusion.objective]
+        if args.sampler not in allowed:
+            raise SystemExit(f"--sampler {args.sampler} does not fit this head's {head.diffusion.objective} process: "
+                             f"choose one of {', '.join(allowed)}")
+        head.sampler = args.sampler
+    if args.eta is not None:
+        if args.eta < 0:
+            raise SystemExit(f"--eta must be >= 0, got {args.eta}")
+        head.eta = args.eta
     with torch.no_grad():
         floor = []
         for batch in data.train_dataloader():
@@ -74,7 +89,12 @@ def main(argv: list[str] | None = None) -> None:
             results[g] = values
             print(f"guidance {g:4.1f}: gen_acc {values['gen_acc']:.3f}  fid_cls {values['fid_cls']:.2f}  "
                   f"fid_cls_floor {values['fid_cls_floor']:.2f}  judge_acc_real {values['judge_acc_real']:.3f}  "
-                  f"({args.samples} samples, {head.sample_steps} steps, {args.split} split)", flush=True)
+                  f"({args.samples} samples, {head.sample_steps} steps, {head.sampler or 'default'} sampler, "
+                  f"eta {head.eta}, {args.split} split)", flush=True)
+            scene = {k.removeprefix("scene/"): v for k, v in values.items() if k.startswith("scene/") and k.endswith("/all")}
+            if scene:  # the scene judge's whole-caption accuracy by caption group (all of its metrics: --json)
+                print("  whole caption right: " + "  ".join(f"{k.removesuffix('/all')} {v:.3f}" for k, v in scene.items()),
+                      flush=True)
     if args.json:
         args.json.write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
 

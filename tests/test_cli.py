@@ -54,6 +54,20 @@ def test_fit_two_steps_then_test_writes_report(shard_dir: Path, tmp_path: Path) 
     assert (reports[0].parent / "test_metrics.md").read_text().startswith("| metric | value |")
 
 
+def test_configured_model_wins_over_the_checkpoints_hyperparameters(shard_dir: Path, tmp_path: Path) -> None:
+    """``test --ckpt_path FILE`` with a model setting on the command line tests with that setting: Lightning
+    alone would replace it by the checkpoint's saved hyperparameters without a word."""
+    import yaml
+
+    main(["fit", *_base(shard_dir, tmp_path), "--trainer.max_steps=1", "--trainer.limit_val_batches=0"])
+    ckpt = next((tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt"))
+    out = tmp_path / "test_run"
+    main(["test", *_base(shard_dir, out), "--model.lr=0.5", f"--ckpt_path={ckpt}"])
+    version = next(out.glob("lightning_logs/version_*"))
+    assert yaml.safe_load((version / "hparams.yaml").read_text())["lr"] == 0.5
+    assert yaml.safe_load((version / "config.yaml").read_text())["model"]["init_args"]["lr"] == 0.5
+
+
 def test_console_script_and_module_entry_point() -> None:
     exe = Path(sys.executable).parent / "lightning"
     for cmd in ([str(exe), "fit", "--help"], [sys.executable, "-m", "multimodal", "fit", "--help"]):

@@ -108,7 +108,7 @@ def test_f2_overlay_and_generation_shapes_fit_the_trunk(capsys: pytest.CaptureFi
     assert tokenizer["quantizer"]["init_args"]["num_codes"] == base["quantizer"]["init_args"]["num_codes"]
     trunk = printed("generation_shapes.yaml")["trunk"]["init_args"]
     assert trunk["in_dim"] == 16
-    assert trunk["in_dim"] * trunk["patch_size"] ** 2 <= PRESETS[trunk["preset"]]["hidden_size"]
+    assert trunk["in_dim"] * trunk["patch_size"] ** 2 <= (trunk.get("hidden_size") or PRESETS[trunk["preset"]]["hidden_size"])
 
 
 def test_f2_tokenizer_under_generation_shapes(shard_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -205,7 +205,10 @@ def _check_loss_table(probe, run: Path, capsys: pytest.CaptureFixture) -> None:
         numbers = [float(w.strip(",;")) for w in line.split(":")[1].split() if w[0].isdigit()]
         true, swapped, none = numbers[:3]
         assert true == swapped and none > 0, line
-        assert line.endswith("word share 0.00" if none > true else "(the caption does not help here)"), line
+        # the printed losses are rounded: where they print equal, the unrounded gain decides either way
+        endings = {True: ("word share 0.00",), False: ("(the caption does not help here)",)}.get(
+            none > true if none != true else None, ("word share 0.00", "(the caption does not help here)"))
+        assert line.endswith(endings), line
 
 
 def _check_swapped_captions(probe) -> None:

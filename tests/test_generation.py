@@ -156,8 +156,14 @@ def test_sample_script_writes_files_deterministically(shard_dir: Path, tokenizer
     # the raw (non-averaged) weights of an EMA run
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate_generation.py"), "--ckpt", str(ckpt),
                            "--guidance", "2", "--samples", "4", "--steps", "2", "--floor-samples", "4",
-                           "--weights", "raw"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                           "--weights", "raw", "--sampler", "ddpm"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0 and "guidance  2.0: gen_acc" in proc.stdout, proc.stderr[-2000:]
+    assert "2 steps, ddpm sampler" in proc.stdout, proc.stdout
+    # a sampler of the other process is refused before any sampling
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate_generation.py"), "--ckpt", str(ckpt),
+                           "--sampler", "euler"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode != 0 and "--sampler euler does not fit this head's diffusion process" in proc.stderr, \
+        proc.stderr[-500:]
 
 
 def test_sample_script_says_what_it_did_with_empty_and_long_captions(shard_dir: Path, tokenizer_run: Path,
@@ -175,6 +181,12 @@ def test_sample_script_says_what_it_did_with_empty_and_long_captions(shard_dir: 
     assert "1 of 3 captions are longer than the model's condition length" in proc.stdout, proc.stdout
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["0_0.png", "1_0.png", "2_0.png", "grid.png"]
     assert json.loads((tmp_path / "out" / "prompts.json").read_text())["1"] == ""
+    # the evaluation script also prints the scene judge's whole-caption accuracy by caption group
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate_generation.py"), "--ckpt", str(tmp_path / "run"),
+                           "--split", "val", "--samples", "4", "--steps", "1", "--floor-samples", "4", "--eta", "1"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "eta 1.0" in proc.stdout and "whole caption right: " in proc.stdout and "all_captions " in proc.stdout, proc.stdout
 
 
 def test_diffusion_default_is_gaussian() -> None:

@@ -26,7 +26,7 @@ SHRINK: dict[str, dict[str, Any]] = {
     "multimodal.FSQ": {"dim": CODE_DIM},
     "multimodal.ImageCodec": {"preset": "tiny", "code_dim": CODE_DIM},
     "multimodal.AudioCodec": {"preset": "tiny", "code_dim": CODE_DIM},
-    "multimodal.DiffusionTransformer": {"preset": "tiny", "in_dim": CODE_DIM},
+    "multimodal.DiffusionTransformer": {"preset": "tiny", "in_dim": CODE_DIM, "hidden_size": None, "depth": None},
     "tasks.GenerationHead": {"sample_steps": 2, "eval_samples": 4, "audio_tokens": 5},
     "multimodal.Vocoder": {"width": 16, "depth": 1},
 }
