@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0])
     p.add_argument("--samples", type=int, default=500, help="generated samples per guidance")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the head's)")
-    p.add_argument("--sampler", choices=["ddim", "ddpm", "euler"], default=None,
+    p.add_argument("--sampler", choices=sorted({s for names in SAMPLERS.values() for s in names}), default=None,
                    help="the sampler (default: the head's; ddpm is ancestral, euler is for flow)")
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM's stochasticity (default: the head's; 0 deterministic, 1 DDPM-like)")
