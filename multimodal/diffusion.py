@@ -21,6 +21,12 @@ is passed on when given. Classifier-free guidance (``guidance != 1``) needs a mo
 one batch, e.g. :class:`multimodal.dit.DiffusionTransformer` (pass ``modality=...`` in the
 kwargs).
 
+Self-conditioning (Chen et al. 2023, "Analog Bits"): a model with a true ``self_condition`` attribute
+(``DiffusionTransformer(self_condition=True)``) also takes ``x_self_cond``, an estimate of the clean
+normalised latents. Training gives it, with probability ``self_condition_prob``, the estimate of a first
+no-grad pass on the same x_t (else None: zeros), and the loss is on the second pass; evaluation always
+does both passes; the samplers hand each step the previous step's (guided) estimate.
+
 Latent normalisation: a ``latent_scale`` buffer (default 1, saved in the state dict so it travels in
 checkpoints; :meth:`set_latent_scale_from` measures ``1 / std`` of data latents, like the 0.18215 DiT
 uses for SD's VAE). :meth:`training_loss` takes RAW latents and normalises them; :meth:`sample`
@@ -71,6 +77,7 @@ class GaussianDiffusion(nn.Module):
         (or ``velocity``) for ``objective="flow"``, whose model predicts ``eps - x0``.
     objective: ``diffusion`` (Gaussian DDPM process) or ``flow`` (rectified flow).
     latent_scale: initial value of the ``latent_scale`` buffer (normalised = raw * latent_scale).
+    self_condition_prob: how often training self-conditions a model that takes it (see the module doc).
     """
 
     def __init__(
@@ -80,6 +87,7 @@ class GaussianDiffusion(nn.Module):
         prediction: str | None = None,
         objective: str = "diffusion",
         latent_scale: float = 1.0,
+        self_condition_prob: float = 0.5,
     ) -> None:
         super().__init__()
         if not isinstance(num_timesteps, int) or num_timesteps < 1:
@@ -97,6 +105,9 @@ class GaussianDiffusion(nn.Module):
             prediction = prediction or "eps"
             if prediction not in PREDICTIONS:
                 raise ValueError(f"GaussianDiffusion: prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if not 0.0 <= self_condition_prob <= 1.0:
+            raise ValueError(f"GaussianDiffusion: self_condition_prob must be in [0, 1], got {self_condition_prob!r}")
+        self.self_condition_prob = self_condition_prob
         if not latent_scale > 0:
             raise ValueError(f"GaussianDiffusion: latent_scale must be positive, got {latent_scale!r}")
         self.num_timesteps = num_timesteps
@@ -163,6 +174,25 @@ class GaussianDiffusion(nn.Module):
             return a * x_t - b * out, b * x_t + a * out
         return (x_t - b * out) / a, out
 
+    def x0_from_output(self, x_t: Tensor, t: Tensor, out: Tensor) -> Tensor:
+        """The model output at (x_t, t) -> its estimate of the clean latents (normalised, [B, ...]); t [B]
+        on the model's scale (flow: ``s * T``), as the model is called."""
+        a, b = (_expand(c, x_t.dim()).to(x_t.dtype) for c in self.signal_and_noise(t))
+        if self.objective == "flow":
+            return x_t - b * out  # x_s = (1 - s) x0 + s eps, out = eps - x0
+        if self.prediction == "v":
+            return a * x_t - b * out
+        return (x_t - b * out) / a
+
+    @torch.no_grad()
+    def self_condition(self, model_fn: Callable[..., Tensor], x_t: Tensor, t: Tensor,
+                       model_kwargs: dict[str, Any]) -> Tensor | None:
+        """Training's self-conditioning input for x_t [B, ...] at t [B] (model scale): None (zeros) with
+        probability 1 - ``self_condition_prob`` in training, else a no-grad pass's x0 estimate."""
+        if getattr(model_fn, "training", False) and float(torch.rand(())) >= self.self_condition_prob:
+            return None
+        return self.x0_from_output(x_t, t, model_fn(x_t, t, **model_kwargs).float()).to(x_t.dtype)
+
     def model_timesteps(self, t: Tensor) -> Tensor:
         """What the model sees: discrete t as is, flow time s in [0, 1] as ``s * T`` (float)."""
         return t * self.num_timesteps if self.objective == "flow" else t
@@ -210,6 +240,8 @@ class GaussianDiffusion(nn.Module):
             target = noise
         if x_mask is not None:
             model_kwargs["x_mask"] = x_mask
+        if getattr(model_fn, "self_condition", False):
+            model_kwargs["x_self_cond"] = self.self_condition(model_fn, x_t, self.model_timesteps(t), model_kwargs)
         out = model_fn(x_t, self.model_timesteps(t), **model_kwargs)
         err = (out.float() - target.float()).square().mean(dim=-1)  # [B, N]
         valid = torch.ones_like(err) if x_mask is None else x_mask.to(err.dtype)
@@ -281,6 +313,7 @@ class GaussianDiffusion(nn.Module):
         clip_denoised: float | None = None,
         x_start: Tensor | None = None,
         start: float = 1.0,
+        denoised_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
         **model_kwargs: Any,
     ) -> Tensor:
         """Draw latents of ``shape`` [B, N, D] -> RAW (unnormalised) latents [B, N, D].
@@ -294,6 +327,9 @@ class GaussianDiffusion(nn.Module):
         ``clip_denoised`` (diffusion samplers) clamps every x0 estimate to [-c, c] in normalised
         space: it tames eps prediction where abar_t ~ 0 (cosine schedule), where x0 = (x - b eps) / a
         amplifies the model's error by 1 / sqrt(abar_t).
+        ``denoised_fn(x0, t)`` (as in guided-diffusion): applied to every x0 estimate (normalised [B, ...],
+        t [B] on the model's scale) before the step uses it, e.g. to snap it to the codebook
+        (``GenerationHead(snap_denoised=...)``); the step's eps is made consistent with its result.
         ``x_start`` (RAW latents like ``shape``) and ``start`` in (0, 1] (the fraction of the time range):
         SDEdit (Meng et al. 2022): noise ``x_start`` to ``t = start * (T - 1)`` (flow: ``s = start``) and
         denoise from there in ``steps`` steps; how much of a real sample survives tells where in the
@@ -330,6 +366,9 @@ class GaussianDiffusion(nn.Module):
                 return model_fn(x, t, **model_kwargs)
         if x_mask is not None:
             model_kwargs["x_mask"] = x_mask
+        self_condition = bool(getattr(model_fn, "self_condition", False))
+        if self_condition:
+            model_kwargs["x_self_cond"] = None  # the first step: zeros; then the previous step's x0 estimate
 
         def randn(like_shape: tuple[int, ...]) -> Tensor:
             gen_device = generator.device if generator is not None else device
@@ -345,20 +384,25 @@ class GaussianDiffusion(nn.Module):
             else:
                 x = self.q_sample(x0, torch.full((B,), first, dtype=torch.long, device=device), x)
         if self.objective == "flow":
-            x = self._euler(predict, x, steps, start)
+            x = self._euler(predict, x, steps, start, model_kwargs if self_condition else None, denoised_fn)
         else:
             timesteps = self.respaced_timesteps(steps, first)
             for i, t_now in enumerate(timesteps):
                 t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
                 t = torch.full((B,), t_now, dtype=torch.long, device=device)
-                x = self._step(sampler, x, predict(x, t).float(), t_now, t_prev, eta, randn, clip_denoised)
+                x, x0 = self._step(sampler, x, predict(x, t).float(), t_now, t_prev, eta, randn, clip_denoised,
+                                   None if denoised_fn is None else lambda x0, t=t: denoised_fn(x0, t))
+                if self_condition:
+                    model_kwargs["x_self_cond"] = x0
         if x_mask is not None:
             x = x * x_mask[..., None].to(x.dtype)
         return self.unnormalize(x)
 
     def _step(self, sampler: str, x: Tensor, out: Tensor, t_now: int, t_prev: int, eta: float,
-              randn: Callable[[tuple[int, ...]], Tensor], clip: float | None = None) -> Tensor:
-        """One reverse step from timestep t_now to t_prev (-1 = clean data) given the model output."""
+              randn: Callable[[tuple[int, ...]], Tensor], clip: float | None = None,
+              denoised_fn: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """One reverse step from timestep t_now to t_prev (-1 = clean data) given the model output ->
+        (x at t_prev, the step's x0 estimate); ``clip`` and then ``denoised_fn`` act on the x0 estimate."""
         abar = self._abar[t_now]
         abar_prev = self._abar[t_prev] if t_prev >= 0 else 1.0
         a, b = math.sqrt(abar), math.sqrt(1.0 - abar)
@@ -366,32 +410,46 @@ class GaussianDiffusion(nn.Module):
             x0, eps = a * x - b * out, b * x + a * out
         else:
             x0, eps = (x - b * out) / a, out
-        if clip is not None:  # clamp x0 and make eps consistent with it
+        if clip is not None:
             x0 = x0.clamp(-clip, clip)
+        if denoised_fn is not None:
+            x0 = denoised_fn(x0)
+        if clip is not None or denoised_fn is not None:  # eps consistent with the changed x0
             eps = (x - a * x0) / b
         if t_prev < 0:
-            return x0
+            return x0, x0
         if sampler == "ddpm":
             # posterior q(x_prev | x_t, x0) of the respaced chain, beta' = 1 - abar / abar_prev
             beta = 1.0 - abar / abar_prev
             coef_x0 = math.sqrt(abar_prev) * beta / (1.0 - abar)
             coef_xt = math.sqrt(1.0 - beta) * (1.0 - abar_prev) / (1.0 - abar)
             var = beta * (1.0 - abar_prev) / (1.0 - abar)
-            return coef_x0 * x0 + coef_xt * x + math.sqrt(var) * randn(tuple(x.shape))
+            return coef_x0 * x0 + coef_xt * x + math.sqrt(var) * randn(tuple(x.shape)), x0
         # DDIM (Song et al. 2021): sigma = eta * sqrt((1 - abar_prev) / (1 - abar)) * sqrt(1 - abar / abar_prev)
         sigma = eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
-        x = math.sqrt(abar_prev) * x0 + math.sqrt(max(1.0 - abar_prev - sigma**2, 0.0)) * eps
+        x_prev = math.sqrt(abar_prev) * x0 + math.sqrt(max(1.0 - abar_prev - sigma**2, 0.0)) * eps
         if sigma > 0:
-            x = x + sigma * randn(tuple(x.shape))
-        return x
+            x_prev = x_prev + sigma * randn(tuple(x.shape))
+        return x_prev, x0
 
-    def _euler(self, predict: Callable[[Tensor, Tensor], Tensor], x: Tensor, steps: int, start: float = 1.0) -> Tensor:
-        """Rectified flow: integrate dx/ds = v(x, s) from s = start (1: noise) to s = 0 (data) in ``steps``."""
+    def _euler(self, predict: Callable[[Tensor, Tensor], Tensor], x: Tensor, steps: int, start: float = 1.0,
+               self_cond: dict[str, Any] | None = None,
+               denoised_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
+        """Rectified flow: integrate dx/ds = v(x, s) from s = start (1: noise) to s = 0 (data) in ``steps``;
+        ``self_cond`` (the model kwargs, for a self-conditioned model) gets each step's x0 estimate,
+        ``denoised_fn`` changes it (v is then (x - x0) / s)."""
         B = x.shape[0]
         s_grid = torch.linspace(start, 0.0, steps + 1, dtype=torch.float64).tolist()
         for s_now, s_next in zip(s_grid[:-1], s_grid[1:]):
             s = torch.full((B,), s_now, dtype=torch.float32, device=x.device)
-            v = predict(x, self.model_timesteps(s)).float()
+            t = self.model_timesteps(s)
+            v = predict(x, t).float()
+            x0 = x - s_now * v
+            if denoised_fn is not None:
+                x0 = denoised_fn(x0, t)
+                v = (x - x0) / s_now
+            if self_cond is not None:
+                self_cond["x_self_cond"] = x0
             x = x + (s_next - s_now) * v
         return x
 

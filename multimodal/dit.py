@@ -101,6 +101,11 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
         conv_mlp: a depthwise 3 x 3 convolution inside every block's MLP over the image (patch) grid, 3
             over audio, none over text (:class:`multimodal.dit_blocks.ConvMlp`, zero-initialised):
             a translation-equivariant local filter in every block, for outlines at any place.
+        self_condition: self-conditioning (Chen et al. 2023, "Analog Bits"): :meth:`forward` also takes
+            ``x_self_cond``, an estimate of the clean latents [B, N, D] from an earlier pass (the
+            previous sampling step; in training, a no-grad pass of the same batch half the time,
+            :class:`multimodal.diffusion.GaussianDiffusion`), through its own zero-initialised input
+            projection, so a sample can keep what it has decided (an outline) from step to step.
     """
 
     def __init__(
@@ -125,6 +130,7 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
         rope: bool = False,
         conv_mlp: bool = False,
         out_dim: int | None = None,
+        self_condition: bool = False,
     ) -> None:
         super().__init__()
         if gelu not in GELU_LAYERS:
@@ -171,10 +177,14 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
         self.grad_checkpointing = grad_checkpointing
         self.rope = rope
         self.conv_mlp = conv_mlp
+        self.self_condition = self_condition
 
         p2 = patch_size * patch_size
         self.x_embedder = nn.Linear(in_dim * p2, hidden_size)  # image patches (and sequences when p = 1)
         self.seq_embedder = nn.Linear(in_dim, hidden_size) if patch_size > 1 else None
+        if self_condition:  # the x0 estimate's own projections, like x_embedder / seq_embedder
+            self.self_cond_embedder = nn.Linear(in_dim * p2, hidden_size)
+            self.self_cond_seq_embedder = nn.Linear(in_dim, hidden_size) if patch_size > 1 else None
         self.t_embedder = TimestepEmbedder(hidden_size, frequency_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         self.text_embedder = nn.Embedding(text_vocab_size, hidden_size) if text_vocab_size else None
@@ -207,7 +217,9 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
         final = self.final_layer
-        for linear in (final.adaLN_modulation[-1], final.linear, final.linear_seq):
+        # zero self-conditioning projections: a trunk starts as if it had none
+        self_cond = (self.self_cond_embedder, self.self_cond_seq_embedder) if self.self_condition else ()
+        for linear in (final.adaLN_modulation[-1], final.linear, final.linear_seq, *self_cond):
             if linear is not None:
                 nn.init.zeros_(linear.weight)
                 nn.init.zeros_(linear.bias)
@@ -228,11 +240,16 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
         cond_latents: Tensor | None = None,
         cond_modality: str | None = None,
         cond_grid: tuple[int, int] | None = None,
+        x_self_cond: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, tuple[int, int] | None]:
         """-> (hidden states of the x tokens [B, N', hidden], c [B, hidden], the grid or None)."""
         B, N = x.shape[:2]
         device = x.device
         tokens, grid = self._embed_latents(x, modality, grid)
+        if self.self_condition:
+            tokens = tokens + self._embed_self_condition(x_self_cond, x, grid).to(tokens.dtype)
+        elif x_self_cond is not None:
+            raise ValueError("DiffusionTransformer: x_self_cond given, but the trunk has self_condition=False")
         if x_mask is not None:
             if grid is not None and self.patch_size > 1:
                 raise ValueError("DiffusionTransformer: x_mask is not supported for image grids with "
@@ -303,6 +320,7 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
         cond_latents: Tensor | None = None,
         cond_modality: str | None = None,
         cond_grid: tuple[int, int] | None = None,
+        x_self_cond: Tensor | None = None,
     ) -> Tensor:
         """Predict eps or v (or a flow velocity) for noisy latents.
 
@@ -310,11 +328,12 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
         (rectified flow passes 1000 * s for s in [0, 1]); modality ``image`` (grid ``(h, w)``, square
         if None) or ``audio``; y [B] long or None (-1 / None = null label); cond_ids [B, L] long or
         cond_latents [B, L, D] (+ cond_modality, cond_grid) with cond_mask [B, L] bool (True = real
-        token); x_mask [B, N] bool (True = real token). Returns [B, N, out_dim] (out_dim = D unless set);
-        padded positions are 0.
+        token); x_mask [B, N] bool (True = real token); x_self_cond [B, N, D] (``self_condition``; None =
+        zeros) the previous estimate of the clean, normalised latents. Returns [B, N, out_dim] (out_dim = D
+        unless set); padded positions are 0.
         """
         h, c, grid = self._trunk(x, t, modality, y, cond_ids, cond_mask, x_mask, grid, drop_condition,
-                                 cond_latents, cond_modality, cond_grid)
+                                 cond_latents, cond_modality, cond_grid, x_self_cond)
         if grid is None and self.patch_size > 1 and self.final_layer.linear_seq is None:
             raise ValueError("DiffusionTransformer: this trunk has no sequence output (sequence_output=False): "
                              f"it cannot denoise {modality} latents; set sequence_output: true")
@@ -354,7 +373,7 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
 
         The conditional and the unconditional (null label, condition tokens masked out) halves run as
         ONE batch of 2B. ``cond`` takes :meth:`forward`'s keyword arguments (y, cond_ids, cond_mask,
-        cond_latents, cond_modality, cond_grid, x_mask, grid). guidance = 1 is the plain conditional
+        cond_latents, cond_modality, cond_grid, x_mask, grid, x_self_cond). guidance = 1 is the plain conditional
         forward (one half only), 0 the unconditional one.
         """
         if guidance < 0:
@@ -382,8 +401,9 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
             both["cond_mask"] = torch.cat([mask.to(torch.bool), torch.zeros_like(mask, dtype=torch.bool)])
             key = "cond_ids" if cond_ids is not None else "cond_latents"
             both[key] = torch.cat([tokens, tokens])
-        if cond.get("x_mask") is not None:
-            both["x_mask"] = torch.cat([cond["x_mask"], cond["x_mask"]])
+        for key in ("x_mask", "x_self_cond"):  # both halves see the same mask and the same (guided) estimate
+            if cond.get(key) is not None:
+                both[key] = torch.cat([cond[key], cond[key]])
         out = self(torch.cat([x, x]), torch.cat([t, t]), modality, drop_condition=False, **both)
         eps_c, eps_u = out.chunk(2)
         return eps_u + guidance * (eps_c - eps_u)

@@ -5,10 +5,13 @@
     audio latents x [B, N, D]   -> Linear(x)               + 1-D sin-cos positions + modality embedding   [B, N, H]
     text ids      [B, L]        -> Embedding(ids)          + 1-D sin-cos positions + text embedding       [B, L, H]
 
+(``self_condition``: + Linear(patchify(x0 estimate)), the previous step's estimate of the clean latents)
+
 and, with ``rope``, the rotation table of the joint sequence (:mod:`multimodal.rope`). Position tables
 are cached per size and device in eager mode and computed in-graph under ``torch.compile``. The mixin
 uses the trunk's ``in_dim``, ``hidden_size``, ``num_heads``, ``patch_size``, ``x_embedder``,
-``seq_embedder``, ``text_embedder``, ``modality_embed`` and ``_pos_cache``.
+``seq_embedder``, ``text_embedder``, ``modality_embed`` and ``_pos_cache`` (and, with ``self_condition``,
+``self_cond_embedder`` / ``self_cond_seq_embedder``).
 """
 
 from __future__ import annotations
@@ -99,6 +102,20 @@ class TrunkInputs:
             pos = self._positions("1d", (x.shape[1],), x.device)
         tokens = tokens + (pos + self.modality_embed[index]).to(tokens.dtype)
         return tokens, grid
+
+    def _embed_self_condition(self, x_self_cond: Tensor | None, like: Tensor, grid: tuple[int, int] | None) -> Tensor:
+        """Self-conditioning (Chen et al. 2023): the previous x0 estimate [B, N, D] (None: zeros, the first
+        pass) -> tokens [B, N', hidden] to add to the latents' tokens, through its own zero-initialised
+        projection (patchified like the latents on a grid)."""
+        if x_self_cond is None:
+            x_self_cond = torch.zeros_like(like)
+        elif x_self_cond.shape != like.shape:
+            raise ValueError(f"DiffusionTransformer: x_self_cond must be shaped like x {tuple(like.shape)}, "
+                             f"got {tuple(x_self_cond.shape)}")
+        x_self_cond = x_self_cond.to(like.dtype)
+        if grid is not None:
+            return self.self_cond_embedder(patchify(x_self_cond, grid, self.patch_size))
+        return (self.self_cond_seq_embedder or self.self_cond_embedder)(x_self_cond)
 
     def _embed_condition(self, batch: int, device: torch.device, cond_ids: Tensor | None,
                          cond_mask: Tensor | None, cond_latents: Tensor | None, cond_modality: str | None,

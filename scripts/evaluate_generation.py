@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="the sampler (default: the head's; ddpm is ancestral, euler is for flow)")
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM's stochasticity (default: the head's; 0 deterministic, 1 DDPM-like)")
+    p.add_argument("--snap-denoised", type=float, default=None,
+                   help="snap the x0 estimate to the codebook in this last fraction of the time range (default: "
+                        "the head's; 0 never, 1 every step)")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--floor-samples", type=int, default=500, help="real training samples for the floor")
     p.add_argument("--seed", type=int, default=0)
@@ -69,6 +72,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.eta < 0:
             raise SystemExit(f"--eta must be >= 0, got {args.eta}")
         head.eta = args.eta
+    if args.snap_denoised is not None:
+        if not 0.0 <= args.snap_denoised <= 1.0:
+            raise SystemExit(f"--snap-denoised must be in [0, 1], got {args.snap_denoised}")
+        head.snap_denoised = args.snap_denoised
     with torch.no_grad():
         floor = []
         for batch in data.train_dataloader():
@@ -90,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"guidance {g:4.1f}: gen_acc {values['gen_acc']:.3f}  fid_cls {values['fid_cls']:.2f}  "
                   f"fid_cls_floor {values['fid_cls_floor']:.2f}  judge_acc_real {values['judge_acc_real']:.3f}  "
                   f"({args.samples} samples, {head.sample_steps} steps, {head.sampler or 'default'} sampler, "
-                  f"eta {head.eta}, {args.split} split)", flush=True)
+                  f"eta {head.eta}, snap {head.snap_denoised}, {args.split} split)", flush=True)
             scene = {k.removeprefix("scene/"): v for k, v in values.items() if k.startswith("scene/") and k.endswith("/all")}
             if scene:  # the scene judge's whole-caption accuracy by caption group (all of its metrics: --json)
                 print("  whole caption right: " + "  ".join(f"{k.removesuffix('/all')} {v:.3f}" for k, v in scene.items()),

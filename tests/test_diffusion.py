@@ -329,3 +329,102 @@ def test_sdedit_keeps_what_little_noise_leaves(kind: str) -> None:
     assert corr(near) > 0.95, corr(near)
     assert abs(corr(far)) < 0.05, corr(far)
     assert 0.9 < float(near.std()) < 1.1  # still a sample of the data distribution
+
+
+class SelfConditionSpy:
+    """A model that takes ``x_self_cond`` (as a self-conditioned trunk does) and records every call;
+    it answers with the point oracle, so sampling still recovers the point."""
+
+    self_condition = True
+
+    def __init__(self, diff: GaussianDiffusion, x0: torch.Tensor, training: bool = False) -> None:
+        self.oracle, self.training = point_oracle(diff, x0), training
+        self.calls: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, bool]] = []
+
+    def __call__(self, x, t, x_self_cond=None, **kwargs):
+        out = self.oracle(x, t)
+        self.calls.append((x.clone(), None if x_self_cond is None else x_self_cond.clone(), out.clone(),
+                           torch.is_grad_enabled()))
+        return out
+
+
+@pytest.mark.parametrize("kind, sampler", [("eps", "ddim"), ("v", "ddim"), ("v", "ddpm"), ("flow", "euler")])
+def test_samplers_hand_each_step_the_previous_x0_estimate(kind: str, sampler: str) -> None:
+    diff = GaussianDiffusion(objective="flow") if kind == "flow" else GaussianDiffusion(prediction=kind)
+    x0 = torch.randn(1, 6, 4).expand(3, -1, -1)
+    spy = SelfConditionSpy(diff, x0)
+    out = diff.sample(spy, (3, 6, 4), steps=10, sampler=sampler, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, x0, atol=1e-4, rtol=1e-4)
+    assert len(spy.calls) == 10 and spy.calls[0][1] is None  # the first step has no estimate yet
+    for (x, _, prev_out, _), (_, given, _, _), t in zip(spy.calls, spy.calls[1:], _model_times(diff, 10)):
+        torch.testing.assert_close(given, diff.x0_from_output(x, t, prev_out))
+        torch.testing.assert_close(given, x0, atol=1e-3, rtol=1e-3)  # the oracle's estimate is the point
+
+
+def _model_times(diff: GaussianDiffusion, steps: int) -> list[torch.Tensor]:
+    if diff.objective == "flow":
+        return [torch.full((3,), s * diff.num_timesteps) for s in torch.linspace(1.0, 0.0, steps + 1).tolist()[:-1]]
+    return [torch.full((3,), t, dtype=torch.long) for t in diff.respaced_timesteps(steps)]
+
+
+@pytest.mark.parametrize("kind", ["eps", "v", "flow"])
+def test_training_self_conditions_with_a_no_grad_estimate(kind: str) -> None:
+    diff = GaussianDiffusion(objective="flow") if kind == "flow" else GaussianDiffusion(prediction=kind)
+    x0 = torch.randn(4, 6, 4)
+    t = torch.rand(4) * 0.9 + 0.05 if kind == "flow" else torch.randint(50, 950, (4,))
+    for prob, training, passes in ((1.0, True, 2), (0.0, True, 1), (0.0, False, 2)):
+        diff.self_condition_prob = prob
+        spy = SelfConditionSpy(diff, x0, training=training)
+        with torch.enable_grad():
+            diff.training_loss(spy, x0, t=t)
+        assert len(spy.calls) == passes, (prob, training)
+        if passes == 2:  # a no-grad first pass, then the loss's pass given its x0 estimate
+            (x, none, first, grad0), (x_again, given, _, grad1) = spy.calls
+            assert none is None and not grad0 and grad1
+            torch.testing.assert_close(x_again, x)
+            torch.testing.assert_close(given, diff.x0_from_output(x, diff.model_timesteps(t), first))
+            torch.testing.assert_close(given, x0, atol=1e-3, rtol=1e-3)
+        else:
+            assert spy.calls[0][1] is None
+    with pytest.raises(ValueError, match="self_condition_prob"):
+        GaussianDiffusion(self_condition_prob=1.5)
+
+
+def test_self_conditioned_trunk_trains_and_samples() -> None:
+    torch.manual_seed(0)
+    diff = GaussianDiffusion(prediction="v")
+    trunk = DiffusionTransformer(in_dim=4, preset="tiny", patch_size=2, num_classes=3, self_condition=True)
+    x0, y = torch.randn(2, 16, 4), torch.tensor([0, 2])
+    diff.self_condition_prob = 1.0
+    loss, _ = diff.training_loss(trunk, x0, modality="image", y=y)
+    loss.backward()
+    assert not trunk.self_cond_embedder.weight.grad.any()  # zero final layer: no gradient reaches the inputs yet
+    trunk.final_layer.linear.weight.data.normal_(std=0.02)
+    trunk.zero_grad()
+    diff.training_loss(trunk, x0, modality="image", y=y)[0].backward()
+    assert trunk.self_cond_embedder.weight.grad.abs().sum() > 0
+    trunk.eval()
+    out = diff.sample(trunk, (2, 16, 4), steps=3, guidance=2.0, modality="image", y=y,
+                      generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 16, 4) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kind, sampler", [("v", "ddim"), ("eps", "ddpm"), ("flow", "euler")])
+def test_denoised_fn_acts_on_every_x0_estimate(kind: str, sampler: str) -> None:
+    diff = GaussianDiffusion(objective="flow") if kind == "flow" else GaussianDiffusion(prediction=kind)
+    model = gaussian_oracle(diff, 0.5, 0.7)
+    run = lambda fn: diff.sample(model, (4, 3, 2), steps=8, sampler=sampler, denoised_fn=fn,  # noqa: E731
+                                 generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(run(lambda x0, t: x0), run(None))  # the identity changes nothing
+    seen = []
+
+    def to_constant(x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append(t.clone())
+        return torch.full_like(x0, 2.0)
+
+    torch.testing.assert_close(run(to_constant), torch.full((4, 3, 2), 2.0))  # the last estimate is the sample
+    assert len(seen) == 8 and all(t.shape == (4,) for t in seen)
+    assert seen[0].float().mean() > seen[-1].float().mean()  # noisiest first
+    spy = SelfConditionSpy(diff, torch.zeros(1, 3, 2))  # a self-conditioned model is handed the changed estimate
+    diff.sample(spy, (4, 3, 2), steps=4, sampler=sampler, denoised_fn=to_constant)
+    assert all(torch.equal(given, torch.full((4, 3, 2), 2.0)) for _, given, _, _ in spy.calls[1:])

@@ -465,3 +465,32 @@ def test_conv_mlp_in_the_trunk() -> None:
         grads.append(conv.blocks[0].mlp.dwconv.weight.grad.clone())
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("patch", [1, 2])
+def test_self_condition_starts_as_the_plain_trunk_and_then_reads_the_estimate(patch: int) -> None:
+    plain, self_cond = randomize(make(patch_size=patch)), make(patch_size=patch, self_condition=True)
+    missing = self_cond.load_state_dict(plain.state_dict(), strict=False).missing_keys  # all but the new projections
+    assert {k.split(".")[0] for k in missing} == {"self_cond_embedder"} | ({"self_cond_seq_embedder"} if patch > 1 else set())
+    assert not self_cond.self_cond_embedder.weight.any()
+    x, t, y = torch.randn(2, 16, D), torch.tensor([100, 700]), torch.tensor([1, 3])
+    estimate = torch.randn(2, 16, D)
+    with torch.no_grad():
+        want = plain(x, t, "image", y=y)
+        torch.testing.assert_close(self_cond(x, t, "image", y=y), want)  # zero projection: no effect yet
+        torch.testing.assert_close(self_cond(x, t, "image", y=y, x_self_cond=estimate), want)
+        randomize(self_cond)
+        none = self_cond(x, t, "image", y=y)
+        torch.testing.assert_close(none, self_cond(x, t, "image", y=y, x_self_cond=torch.zeros_like(x)))
+        assert not torch.allclose(none, self_cond(x, t, "image", y=y, x_self_cond=estimate))
+        audio = torch.randn(2, 7, D)  # sequences have their own projection (patch 2) or share it (patch 1)
+        assert not torch.allclose(self_cond(audio, t, "audio"), self_cond(audio, t, "audio", x_self_cond=audio))
+        # guidance: both halves see the same estimate, in one batch
+        got = self_cond.forward_with_cfg(x, t, "image", 3.0, y=y, x_self_cond=estimate)
+        cond = self_cond(x, t, "image", y=y, x_self_cond=estimate)
+        uncond = self_cond(x, t, "image", x_self_cond=estimate)
+        torch.testing.assert_close(got, uncond + 3.0 * (cond - uncond), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="x_self_cond must be shaped like x"):
+        self_cond(x, t, "image", x_self_cond=estimate[:, :8])
+    with pytest.raises(ValueError, match="self_condition=False"):
+        plain(x, t, "image", x_self_cond=estimate)

@@ -211,3 +211,26 @@ def test_judge_pooling_keeps_a_short_word_in_a_long_silence() -> None:
     assert torch.allclose(judge(x), judge.proj(h.mean(dim=2).amax(dim=2)))  # mean over bands, max over time
     judge.pool = "mean"
     assert torch.allclose(judge(x), judge.proj(h.mean(dim=(2, 3))))
+
+
+def test_snap_denoised_commits_the_x0_estimate_to_codes(tokenizer_run: Path) -> None:
+    backbone = Backbone(tokenizer_ckpt=str(tokenizer_run), trunk=_trunk(num_classes=3))
+    head = GenerationHead("image", "label", num_classes=3, snap_denoised=0.5, sample_steps=4)
+    MultiTaskModule(backbone, {"gen": head}).eval()
+    head.diffusion.latent_scale.fill_(2.0)
+    snap = head._snapper(backbone)
+    x0 = torch.randn(2, backbone.codec("image").num_tokens, 16)
+    late, early = torch.full((2,), 400), torch.full((2,), 600)
+    assert torch.equal(snap(x0, early), x0)  # before the last half of the range: left alone
+    codes = head.diffusion.unnormalize(snap(x0, late))  # after: code vectors, nearest in RAW latent space
+    torch.testing.assert_close(codes, backbone.snap_to_codebook(head.diffusion.unnormalize(x0)))
+    book = backbone.quantizer.lookup(torch.arange(backbone.num_codes))
+    assert (codes.reshape(-1, 1, 16) - book[None]).abs().amax(dim=-1).min(dim=1).values.max() < 1e-5  # each a code
+    head.snap_denoised = 0.0
+    assert head._snapper(backbone) is None
+    images, _ = head.generate(backbone, y=torch.tensor([0, 1]))  # and it samples with it on
+    head.snap_denoised = 1.0
+    snapped, _ = head.generate(backbone, y=torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0))
+    assert snapped.shape == images.shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="snap_denoised must be in \\[0, 1\\]"):
+        GenerationHead("image", "label", num_classes=3, snap_denoised=1.5)

@@ -70,8 +70,11 @@ def test_supervise_trains_the_states_and_capture_reads_the_block() -> None:
     x = torch.randn(2, 16, 4)
     ids = torch.randint(0, 16, (2, 3))
     with smap.capture(trunk):
+        with torch.no_grad():  # a self-conditioned trunk's first pass: not the one the loss is on
+            trunk(x, torch.tensor([10, 900]), "image", cond_ids=ids, grid=(4, 4))
         trunk(x, torch.tensor([10, 900]), "image", cond_ids=ids, grid=(4, 4))
     assert len(smap._captured) == 1 and smap._captured[0].shape == (2, 3 + 16, trunk.hidden_size)
+    assert smap._captured[0].requires_grad  # the last pass is kept
     objects = torch.cat([_objects([[0.3, 0.3, 1, 1, 1]]), _objects([[0.7, 0.2, 2, 2, 0]])])
     loss, logs = smap.loss(objects, (4, 4), torch.tensor([0.01, 0.9]))
     loss.backward()

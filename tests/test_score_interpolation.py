@@ -145,6 +145,9 @@ def test_a_trunk_without_code_logits_is_refused(tokenizer_run: Path) -> None:
         MultiTaskModule(backbone(), {"gen": GenerationHead("image", "label", num_classes=3, target="codes")})
     with pytest.raises(ValueError, match="out_dim=64 must equal its in_dim=16"):
         MultiTaskModule(backbone(out_dim=64), {"gen": GenerationHead("image", "label", num_classes=3)})
+    with pytest.raises(ValueError, match="target 'codes' does not self-condition"):
+        MultiTaskModule(backbone(out_dim=64, self_condition=True),
+                        {"gen": GenerationHead("image", "label", num_classes=3, target="codes")})
 
 
 def test_the_head_trains_and_samples_through_the_codes(shard_dir: Path, tokenizer_run: Path, tmp_path: Path) -> None:

@@ -82,6 +82,9 @@ class GenerationHead(Judged, FixedLengthAudio, Head):
         over the codebook, cross-entropy; needs ``trunk.out_dim`` = the codebook size; see the module doc).
     audio_tokens: length of generated audio in tokens (25 = 1 s at hop 160, r = 4).
     sample_steps / sampler / eta / guidance: sampling at evaluation and prediction.
+    snap_denoised: snap the sampler's x0 estimate to the nearest codes (the data's latents are code
+        vectors) at every step in the last ``snap_denoised`` of the time range (0 = never, 1 = every step;
+        as clipping x0 to [-1, 1] in pixel space): the sample commits to codes before the last step.
     eval_samples / eval_every_n / eval_batch: generated samples per evaluation, how often, in chunks of.
     judge: train the judge network (needs ``label`` in the data); judge_width / judge_weight its size and loss weight.
     scene_map: ``off``, ``probe`` or ``supervise`` (:mod:`tasks.heads.scene_map`; images with ``scene_attributes``);
@@ -112,6 +115,7 @@ class GenerationHead(Judged, FixedLengthAudio, Head):
         sampler: str | None = None,
         eta: float = 0.0,
         guidance: float = 4.0,
+        snap_denoised: float = 0.0,
         eval_samples: int = 100,
         eval_every_n: int = 1,
         eval_batch: int = 50,
@@ -141,6 +145,9 @@ class GenerationHead(Judged, FixedLengthAudio, Head):
         self.target = target
         if guidance < 0:
             raise ValueError(f"generation head: guidance must be >= 0, got {guidance}")
+        if not 0.0 <= snap_denoised <= 1.0:
+            raise ValueError(f"generation head: snap_denoised must be in [0, 1], got {snap_denoised}")
+        self.snap_denoised = snap_denoised
         if sample_steps < 1:
             raise ValueError(f"generation head: sample_steps must be >= 1, got {sample_steps}")
         if (condition == "label" or judge) and not num_classes:
@@ -215,6 +222,9 @@ class GenerationHead(Judged, FixedLengthAudio, Head):
         if self.target == "codes" and out_dim != backbone.num_codes:
             raise ValueError(f"head {task!r} (target 'codes') predicts logits over the {backbone.num_codes} codes: set "
                              f"model.backbone.trunk.init_args.out_dim to {backbone.num_codes} (it is {out_dim})")
+        if self.target == "codes" and getattr(trunk, "self_condition", False):
+            raise ValueError(f"head {task!r}: target 'codes' does not self-condition; set "
+                             "model.backbone.trunk.init_args.self_condition false (or target: latents)")
         if self.target == "latents" and out_dim != trunk.in_dim:
             raise ValueError(f"head {task!r} (target 'latents') regresses latents: the trunk's out_dim={out_dim} must "
                              f"equal its in_dim={trunk.in_dim} (or set the head's target: codes)")
@@ -358,7 +368,7 @@ class GenerationHead(Judged, FixedLengthAudio, Head):
         latents = self.diffusion.sample(
             self.denoiser(backbone), (batch, n_tokens, backbone.quantizer.dim), steps=steps or self.sample_steps,
             sampler=self.sampler, eta=self.eta, guidance=guidance, generator=generator, device=device,
-            x_start=x_start, start=start, **kwargs,
+            x_start=x_start, start=start, denoised_fn=self._snapper(backbone), **kwargs,
         )
         snapped = backbone.snap_to_codebook(latents)
         if self.modality == "image":
@@ -367,6 +377,20 @@ class GenerationHead(Judged, FixedLengthAudio, Head):
         codec = backbone.codec("audio")
         mel = backbone.decode("audio", snapped)
         return backbone.to_audio(mel, generator=generator, method=waveform), self._fixed_mel(mel, codec)
+
+    def _snapper(self, backbone: Backbone) -> Any:
+        """``snap_denoised``'s ``denoised_fn``: normalised x0 [B, N, D] at model times t [B] -> the nearest code
+        vectors where t is in the last ``snap_denoised`` of the range, else x0 unchanged (None when 0)."""
+        if self.snap_denoised <= 0:
+            return None
+        diffusion = self.diffusion
+
+        def snap(x0: Tensor, t: Tensor) -> Tensor:
+            if float(t.max()) >= self.snap_denoised * diffusion.num_timesteps:
+                return x0
+            return diffusion.normalize(backbone.snap_to_codebook(diffusion.unnormalize(x0)))
+
+        return snap
 
     def predict(self, backbone: Backbone, batch: dict[str, Any]) -> list[dict[str, Any]]:
         """One sample per batch item, for its label or caption (seeded by the item's key)."""

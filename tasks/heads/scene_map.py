@@ -97,16 +97,16 @@ class SceneMap(nn.Module):
 
     @contextmanager
     def capture(self, trunk: nn.Module) -> Iterator[None]:
-        """Within: the first output of block ``layer`` of ``trunk`` is kept (later calls, e.g. an
-        activation-checkpoint recompute, are ignored)."""
+        """Within: the last output of block ``layer`` of ``trunk`` is kept: the pass the loss is on (a
+        self-conditioned trunk runs a no-grad pass first; an activation-checkpoint recompute happens in
+        backward, after the context)."""
         blocks = trunk.blocks
         if self.layer > len(blocks):
             raise ValueError(f"scene map: layer={self.layer} but the trunk has {len(blocks)} blocks")
         self._captured = []
 
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if not self._captured:
-                self._captured.append(output)
+            self._captured[:] = [output]
 
         handle = blocks[self.layer - 1].register_forward_hook(hook)
         try:
