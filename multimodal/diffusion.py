@@ -177,12 +177,10 @@ class GaussianDiffusion(nn.Module):
     def x0_from_output(self, x_t: Tensor, t: Tensor, out: Tensor) -> Tensor:
         """The model output at (x_t, t) -> its estimate of the clean latents (normalised, [B, ...]); t [B]
         on the model's scale (flow: ``s * T``), as the model is called."""
-        a, b = (_expand(c, x_t.dim()).to(x_t.dtype) for c in self.signal_and_noise(t))
         if self.objective == "flow":
-            return x_t - b * out  # x_s = (1 - s) x0 + s eps, out = eps - x0
-        if self.prediction == "v":
-            return a * x_t - b * out
-        return (x_t - b * out) / a
+            s = _expand(t.float() / self.num_timesteps, x_t.dim()).to(x_t.dtype)
+            return x_t - s * out  # x_s = (1 - s) x0 + s eps, out = eps - x0
+        return self.split_prediction(x_t, t.long(), out)[0]
 
     @torch.no_grad()
     def self_condition(self, model_fn: Callable[..., Tensor], x_t: Tensor, t: Tensor,
