@@ -47,6 +47,7 @@ from torch import Tensor, nn
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")
 OBJECTIVES = ("diffusion", "flow")
+TIMESTEP_SAMPLERS = ("uniform", "logit_normal")
 SAMPLERS = {"diffusion": ("ddim", "ddpm"), "flow": ("euler",)}
 
 
@@ -78,6 +79,11 @@ class GaussianDiffusion(nn.Module):
     objective: ``diffusion`` (Gaussian DDPM process) or ``flow`` (rectified flow).
     latent_scale: initial value of the ``latent_scale`` buffer (normalised = raw * latent_scale).
     self_condition_prob: how often training self-conditions a model that takes it (see the module doc).
+    timesteps: how training draws its times: ``uniform`` over the range, or ``logit_normal`` (Esser et al.
+        2024, SD3): the time fraction is ``sigmoid(loc + scale * n)``, n ~ N(0, 1), which spends the
+        steps on the middle of the range (``timestep_loc`` > 0 moves them towards the noisy end, where a
+        sample from noise decides its layout) instead of the nearly clean and nearly pure-noise ends.
+    timestep_loc, timestep_scale: ``logit_normal``'s location and scale (ignored by ``uniform``).
     """
 
     def __init__(
@@ -88,6 +94,9 @@ class GaussianDiffusion(nn.Module):
         objective: str = "diffusion",
         latent_scale: float = 1.0,
         self_condition_prob: float = 0.5,
+        timesteps: str = "uniform",
+        timestep_loc: float = 0.0,
+        timestep_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if not isinstance(num_timesteps, int) or num_timesteps < 1:
@@ -108,6 +117,13 @@ class GaussianDiffusion(nn.Module):
         if not 0.0 <= self_condition_prob <= 1.0:
             raise ValueError(f"GaussianDiffusion: self_condition_prob must be in [0, 1], got {self_condition_prob!r}")
         self.self_condition_prob = self_condition_prob
+        if timesteps not in TIMESTEP_SAMPLERS:
+            raise ValueError(f"GaussianDiffusion: timesteps must be one of {TIMESTEP_SAMPLERS}, got {timesteps!r}")
+        if not timestep_scale > 0:
+            raise ValueError(f"GaussianDiffusion: timestep_scale must be positive, got {timestep_scale!r}")
+        self.timesteps = timesteps
+        self.timestep_loc = float(timestep_loc)
+        self.timestep_scale = float(timestep_scale)
         if not latent_scale > 0:
             raise ValueError(f"GaussianDiffusion: latent_scale must be positive, got {latent_scale!r}")
         self.num_timesteps = num_timesteps
@@ -198,10 +214,17 @@ class GaussianDiffusion(nn.Module):
     # ------------------------------------------------------------------ training
 
     def sample_timesteps(self, batch: int, device: torch.device | str) -> Tensor:
-        """Training times, uniform: [B] long in [0, T) (diffusion) or float in [0, 1) (flow)."""
+        """Training times (``timesteps``: uniform or logit-normal): [B] long in [0, T) (diffusion) or
+        float in [0, 1) (flow). In eval mode always uniform: an evaluation loss means the same whatever
+        the training sampler."""
+        if self.timesteps == "uniform" or not self.training:
+            if self.objective == "flow":
+                return torch.rand(batch, device=device)
+            return torch.randint(0, self.num_timesteps, (batch,), device=device)
+        u = torch.sigmoid(self.timestep_loc + self.timestep_scale * torch.randn(batch, device=device))
         if self.objective == "flow":
-            return torch.rand(batch, device=device)
-        return torch.randint(0, self.num_timesteps, (batch,), device=device)
+            return u
+        return (u * self.num_timesteps).long().clamp_(0, self.num_timesteps - 1)
 
     def time_fraction(self, t: Tensor) -> Tensor:
         """Times [B] (as :meth:`sample_timesteps` gives them) -> the fraction of the time range, float [B]

@@ -296,6 +296,10 @@ def test_invalid_arguments() -> None:
         GaussianDiffusion(objective="edm")
     with pytest.raises(ValueError, match="num_timesteps"):
         GaussianDiffusion(0)
+    with pytest.raises(ValueError, match="timesteps must be one of"):
+        GaussianDiffusion(timesteps="lognormal")
+    with pytest.raises(ValueError, match="timestep_scale"):
+        GaussianDiffusion(timesteps="logit_normal", timestep_scale=0.0)
 
 
 def test_clip_denoised_bounds_the_x0_estimate() -> None:
@@ -428,3 +432,26 @@ def test_denoised_fn_acts_on_every_x0_estimate(kind: str, sampler: str) -> None:
     spy = SelfConditionSpy(diff, torch.zeros(1, 3, 2))  # a self-conditioned model is handed the changed estimate
     diff.sample(spy, (4, 3, 2), steps=4, sampler=sampler, denoised_fn=to_constant)
     assert all(torch.equal(given, torch.full((4, 3, 2), 2.0)) for _, given, _, _ in spy.calls[1:])
+
+
+@pytest.mark.parametrize("objective", ["diffusion", "flow"])
+def test_logit_normal_timesteps_follow_their_location(objective: str) -> None:
+    """``logit_normal`` times: in range, their median at sigmoid(loc) of the range, and more of them in the
+    middle than uniform ones; ``uniform`` stays flat."""
+    torch.manual_seed(0)
+    n, T = 40_000, 1000
+    for loc in (0.0, 1.0):
+        diff = GaussianDiffusion(T, objective=objective, timesteps="logit_normal", timestep_loc=loc)
+        frac = diff.time_fraction(diff.sample_timesteps(n, "cpu"))
+        assert 0.0 <= float(frac.min()) and float(frac.max()) < 1.0
+        assert abs(float(frac.median()) - 1.0 / (1.0 + math.exp(-loc))) < 0.01
+        if objective == "diffusion":
+            assert diff.sample_timesteps(8, "cpu").dtype == torch.long
+    middle = GaussianDiffusion(T, objective=objective, timesteps="logit_normal")
+    uniform = GaussianDiffusion(T, objective=objective)
+    share = {name: float(((f := d.time_fraction(d.sample_timesteps(n, "cpu"))) > 0.25).logical_and(f < 0.75).float().mean())
+             for name, d in (("middle", middle), ("uniform", uniform))}
+    assert share["middle"] > 0.6 and abs(share["uniform"] - 0.5) < 0.02
+    middle.eval()  # evaluation losses are comparable across training samplers: uniform times
+    f = middle.time_fraction(middle.sample_timesteps(n, "cpu"))
+    assert abs(float(((f > 0.25) & (f < 0.75)).float().mean()) - 0.5) < 0.02
