@@ -21,7 +21,8 @@ assignment, scipy, on agreeing attributes, then distance) and counts, per captio
 ``all``        all of the above right at once (GenEval's per-prompt score).
 
 :class:`SceneScores` accumulates them per group: captions of 1, 2, 3 and 4+ objects, and those with an
-attribute combination the training split never holds (``unseen``) or not (``seen``).
+attribute combination the training split never holds (``unseen``) or not (``seen``); optionally also the
+one-object captions by the value of one attribute (``breakdown``: e.g. small vs large objects).
 """
 
 from __future__ import annotations
@@ -179,16 +180,26 @@ class SceneScores(Metric):
 
     ``update(found: list of [m_i, 2 + A], described [B, K, 2 + A] (padding rows -1), unseen [B] bool)``;
     ``compute()`` -> ``{"{prefix}/{group}/{score}": value}`` for groups that had captions, scores named
-    ``count``, each attribute's name, ``relation``, ``all``.
+    ``count``, each attribute's name, ``relation``, ``all``. ``breakdown = (attribute, value names)`` adds
+    the groups ``1_object_{attribute}={value}``: the one-object captions whose object has that value.
     """
 
     full_state_update = False
 
-    def __init__(self, attribute_names: list[str], prefix: str = "scene", **kwargs) -> None:
+    def __init__(self, attribute_names: list[str], prefix: str = "scene",
+                 breakdown: tuple[str, list[str]] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.attribute_names, self.prefix = list(attribute_names), prefix
         self.scores = ["count", *self.attribute_names, "relation", "all"]
-        shape = (len(GROUPS) + 1, len(self.scores))
+        self.breakdown_column, self.groups = None, list(GROUPS)
+        if breakdown is not None:
+            name, values = breakdown
+            if name not in self.attribute_names:
+                raise ValueError(f"SceneScores: breakdown attribute {name!r} is not one of {self.attribute_names}")
+            self.breakdown_column = self.attribute_names.index(name)
+            self.groups += [f"1_object_{name}={value}" for value in values]
+        self.groups.append("all_captions")
+        shape = (len(self.groups), len(self.scores))
         self.add_state("sums", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("seen", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
 
@@ -198,7 +209,9 @@ class SceneScores(Metric):
             objects = described[i][described[i, :, 2] >= 0]
             raw = score_scene(det.detach().cpu().double().numpy(), objects)
             n = len(objects)
-            groups = [min(n, 4) - 1, 4 + int(bool(unseen[i])), len(GROUPS)]
+            groups = [min(n, 4) - 1, 4 + int(bool(unseen[i])), len(self.groups) - 1]
+            if n == 1 and self.breakdown_column is not None:
+                groups.append(len(GROUPS) + int(objects[0, 2 + self.breakdown_column]))
             for k, name in enumerate(self.scores):
                 key = f"attr{k - 1}" if 1 <= k <= len(self.attribute_names) else name
                 if key in raw:
@@ -208,7 +221,7 @@ class SceneScores(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         out = {}
-        for g, group in enumerate((*GROUPS, "all_captions")):
+        for g, group in enumerate(self.groups):
             for k, name in enumerate(self.scores):
                 if self.seen[g, k] > 0:
                     out[f"{self.prefix}/{group}/{name}"] = (self.sums[g, k] / self.seen[g, k]).float()

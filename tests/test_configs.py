@@ -36,6 +36,8 @@ def test_config_fits_tests_and_predicts(name: str, shard_dir: Path, tokenizer_ru
         if heads[task]["init_args"].get("scene_attributes"):  # caption -> image, judged object by object
             for prefix in ("scene", "scene_real", "scene_codec"):
                 assert 0.0 <= report[f"test/{task}/{prefix}/all_captions/all"] <= 1.0, sorted(report)
+            for attribute in heads[task]["init_args"].get("scene_breakdown") or {}:  # one-object captions per value
+                assert any(k.startswith(f"test/{task}/scene_real/1_object_{attribute}=") for k in report), sorted(report)
         if heads[task]["init_args"].get("transcriber"):  # text -> speech, heard by the transcriber
             assert report[f"test/{task}/wer"] >= 0 and report[f"test/{task}/wer_real"] >= 0, sorted(report)
         if heads[task]["class_path"] == "tasks.VocoderHead":  # side by side with Griffin-Lim

@@ -12,7 +12,7 @@ from PIL import Image
 
 from datamodules.decode import MAX_OBJECTS, BadSample, SampleDecoder, read_objects
 from datamodules.shards import encode_png
-from tasks.scene_judge import SceneJudge, SceneScores, score_scene, unseen_mask
+from tasks.scene_judge import GROUPS, SceneJudge, SceneScores, score_scene, unseen_mask
 
 # rows: x, y in [0, 1], then colour, shape, size indices
 A = [0.25, 0.5, 0, 1, 1]  # a large red square on the left
@@ -56,6 +56,22 @@ def test_scores_are_grouped_by_object_count_and_seen_combinations() -> None:
     assert out["scene/2_objects/count"] == 0.0 and out["scene/unseen/colour"] == 0.5
     assert out["scene/all_captions/all"] == 0.5 and out["scene/all_captions/relation"] == 0.0
     assert "scene/3_objects/all" not in out and "scene/1_object/relation" not in out
+
+
+def test_one_object_captions_are_broken_down_by_one_attribute() -> None:
+    metric = SceneScores(["colour", "shape", "size"], breakdown=("size", ["small", "large"]))
+    described = torch.stack([_rows(A), _rows(B), _rows(B), _rows(A, B)])  # large, small, small, two objects
+    right_small = [0.75, 0.5, 2, 0, 0]
+    metric.update([torch.tensor([A]), torch.tensor([right_small]), torch.tensor([[0.75, 0.5, 2, 1, 0]]),
+                   torch.tensor([A, B])], described, torch.zeros(4, dtype=torch.bool))
+    out = {k: float(v) for k, v in metric.compute().items()}
+    assert out["scene/1_object_size=large/all"] == 1.0  # one caption, right
+    assert out["scene/1_object_size=small/all"] == 0.5 and out["scene/1_object_size=small/shape"] == 0.5
+    assert out["scene/1_object/all"] == pytest.approx(2 / 3) and out["scene/all_captions/all"] == 0.75
+    assert not any("2_objects_" in k for k in out)  # only one-object captions are broken down
+    assert SceneScores(["colour", "shape", "size"]).groups == [*GROUPS, "all_captions"]
+    with pytest.raises(ValueError, match="breakdown attribute 'count' is not one of"):
+        SceneScores(["colour", "shape", "size"], breakdown=("count", ["one"]))
 
 
 def test_detect_reads_peaks_offsets_and_attributes() -> None:
@@ -137,3 +153,21 @@ def test_the_head_refuses_data_with_other_attributes() -> None:
     assert head._heldout == [{1: 1, 0: 1}]
     with pytest.raises(ValueError, match="for images"):
         GenerationHead(modality="audio", num_classes=5, scene_attributes={"colour": 2})
+
+
+def test_the_head_checks_its_scene_breakdown() -> None:
+    from tasks import GenerationHead
+
+    kwargs = {"condition": "text", "num_classes": 5, "scene_attributes": {"colour": 2, "shape": 2}}
+    head = GenerationHead(**kwargs, scene_breakdown={"shape": ["circle", "square"]})
+    head._bind_attributes(ATTRS, "shapes", [])
+    scores = head.build_metrics(None)["scene"]  # type: ignore[arg-type]
+    assert scores.groups[-3:] == ["1_object_shape=circle", "1_object_shape=square", "all_captions"]
+    with pytest.raises(ValueError, match=r"values \['square', 'circle'\] but the data's info.json has \['circle', 'square'\]"):
+        GenerationHead(**kwargs, scene_breakdown={"shape": ["square", "circle"]})._bind_attributes(ATTRS, "shapes", [])
+    with pytest.raises(ValueError, match="names 3 values of 'shape' but scene_attributes gives it 2"):
+        GenerationHead(**kwargs, scene_breakdown={"shape": ["circle", "square", "cross"]})
+    with pytest.raises(ValueError, match="'size' is not one of scene_attributes"):
+        GenerationHead(**kwargs, scene_breakdown={"size": ["small", "large"]})
+    with pytest.raises(ValueError, match="takes one attribute"):
+        GenerationHead(**kwargs, scene_breakdown={"shape": ["circle", "square"], "colour": ["red", "blue"]})

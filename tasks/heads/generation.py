@@ -97,6 +97,8 @@ class GenerationHead(Judged, FixedLengthAudio, Head):
         the data's ``info.json`` ``attributes`` (names checked at setup); trains the scene judge
         (an attribute named ``colour`` or ``color`` is read by its colour pathway).
     scene_width / scene_threshold: the scene judge's width and detection threshold.
+    scene_breakdown: ``{attribute: [value names]}`` (one attribute, its values as the data's ``info.json``
+        names them): the scene scores also of the one-object captions per value (``scene/1_object_size=small/all``).
     transcriber: audio with transcripts (data key ``text``): train the CTC transcriber (``wer``).
     judge_batch: the judges train on the first ``judge_batch`` real items of each batch (they learn
         fast; the full batch would cost as much again as the trunk's step on a CPU).
@@ -127,6 +129,7 @@ class GenerationHead(Judged, FixedLengthAudio, Head):
         scene_attributes: dict[str, int] | None = None,
         scene_width: int = 32,
         scene_threshold: float = 0.5,
+        scene_breakdown: dict[str, list[str]] | None = None,
         transcriber: bool = False,
         judge_batch: int = 16,
         judge_decoded: bool = True,
@@ -196,6 +199,7 @@ class GenerationHead(Judged, FixedLengthAudio, Head):
         self.transcriber: Transcriber | None = None  # built at attach: it needs the codec's mel bands
         self.scene_attributes = dict(scene_attributes or {})
         self.scene_threshold = scene_threshold
+        self.scene_breakdown = self._check_breakdown(scene_breakdown)
         colour = [j for j, name in enumerate(self.scene_attributes) if name in ("colour", "color")]
         self.scene_judge = (SceneJudge(3, list(self.scene_attributes.values()), scene_width,
                                        colour_index=colour[0] if colour else None) if scene_attributes else None)
@@ -207,6 +211,22 @@ class GenerationHead(Judged, FixedLengthAudio, Head):
         self._evaluations = 0
         self._due = False
         self.last_samples: Tensor | None = None
+
+    def _check_breakdown(self, breakdown: dict[str, list[str]] | None) -> tuple[str, list[str]] | None:
+        """``scene_breakdown`` -> (attribute, value names), checked against ``scene_attributes``."""
+        if not breakdown:
+            return None
+        if len(breakdown) != 1:
+            raise ValueError(f"generation head: scene_breakdown takes one attribute, got {list(breakdown)}")
+        ((name, values),) = breakdown.items()
+        if name not in self.scene_attributes:
+            raise ValueError(f"generation head: scene_breakdown attribute {name!r} is not one of scene_attributes "
+                             f"{list(self.scene_attributes) or '(none: no scene judge)'}")
+        values = [str(v) for v in values]
+        if len(values) != self.scene_attributes[name]:
+            raise ValueError(f"generation head: scene_breakdown names {len(values)} values of {name!r} but "
+                             f"scene_attributes gives it {self.scene_attributes[name]}")
+        return name, values
 
     # ------------------------------------------------------------------ checks against the backbone
     def attach(self, backbone: Backbone, task: str) -> None:

@@ -93,6 +93,11 @@ class Judged:
             raise ValueError(f"head {task!r}: scene_attributes={self.scene_attributes} but the data's info.json "
                              f"attributes have {have or 'none'} (names and value counts, in order)")
         self._heldout = heldout_indices(attributes, heldout)
+        if self.scene_breakdown is not None:
+            name, values = self.scene_breakdown
+            if list(attributes[name]) != values:
+                raise ValueError(f"head {task!r}: scene_breakdown names {name!r} values {values} but the data's "
+                                 f"info.json has {list(attributes[name])}")
 
     # ------------------------------------------------------------------ evaluation
     def build_metrics(self, backbone: Backbone) -> MetricCollection:
@@ -107,7 +112,7 @@ class Judged:
             metrics["wer"], metrics["wer_real"], metrics["wer_codec"] = WordErrorRate(), WordErrorRate(), WordErrorRate()
         if self.scene_judge is not None:
             for prefix in ("scene", "scene_real", "scene_codec"):
-                metrics[prefix] = SceneScores(list(self.scene_attributes), prefix=prefix)
+                metrics[prefix] = SceneScores(list(self.scene_attributes), prefix=prefix, breakdown=self.scene_breakdown)
         return MetricCollection(metrics, compute_groups=False)
 
     def _score_scenes(self, metric: SceneScores, images: Tensor, objects: Tensor) -> None:
