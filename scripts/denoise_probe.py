@@ -25,6 +25,10 @@ true)`` is the part of what the caption tells the trunk at that t that the word 
 ignores the word). It needs no sampling, so it shows a word being learnt long before samples do.
 
     python scripts/denoise_probe.py --ckpt runs/generation_shapes --start 0.4 0.6 1.0 --swap shape
+
+``--breakdown size`` (any attribute of the annotations; a head with ``scene_breakdown`` uses its own)
+also scores the one-object scenes per value of it, e.g. whether small objects are lost at a start
+where large ones survive.
 """
 
 from __future__ import annotations
@@ -59,7 +63,8 @@ def _batches(loader, n: int) -> list[dict]:
 def _judge(head: GenerationHead, images: torch.Tensor, batch: dict, scores: dict) -> None:
     """Accumulate the head's judges' verdicts on ``images`` for ``batch``'s conditions into ``scores``."""
     if head.scene_judge is not None:
-        metric = scores.setdefault("scene", SceneScores(list(head.scene_attributes), prefix="scene"))
+        metric = scores.setdefault("scene", SceneScores(list(head.scene_attributes), prefix="scene",
+                                                        breakdown=head.scene_breakdown))
         head._score_scenes(metric, images, batch["objects"])
     if head.judge is not None and "label" in batch:
         hits = (head.judge.classify(images.float()).argmax(-1) == batch["label"]).float()
@@ -99,6 +104,8 @@ def _summary(scores: dict) -> dict[str, float]:
     if "scene" in scores:
         values = scores["scene"].compute()
         out.update({k: float(values[f"scene/{k}"]) for k in SHOWN if f"scene/{k}" in values})
+        out.update({k.removeprefix("scene/"): float(v) for k, v in values.items()  # --breakdown groups
+                    if k.startswith("scene/1_object_") and k.endswith("/all")})
     if "label" in scores:
         out["judge_acc"] = float(torch.cat(scores["label"]).mean())
     return out
@@ -116,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", type=Path, default=None, help="write the first eight images of each start here")
     p.add_argument("--swap", default=None, metavar="ATTRIBUTE",
                    help="denoise one-object scenes with this attribute's word swapped in the caption (e.g. shape)")
+    p.add_argument("--breakdown", default=None, metavar="ATTRIBUTE",
+                   help="also score the one-object scenes per value of this attribute (e.g. size)")
     p.add_argument("--loss-t", type=int, nargs="+", default=[200, 400, 600, 800],
                    help="with --swap: timesteps of the true / swapped / no-caption loss table")
     args = p.parse_args(argv)
@@ -140,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     data = data.tasks[task] if hasattr(data, "tasks") else data
     batches = _batches(data.val_dataloader(), args.samples)
     steps = args.steps or head.sample_steps
+    if args.breakdown is not None:
+        attributes = getattr(data, "attributes", None) or {}
+        if head.scene_judge is None or args.breakdown not in attributes:
+            raise SystemExit(f"--breakdown {args.breakdown}: needs a head with a scene judge and the attribute in "
+                             f"the data's annotations ({sorted(attributes)})")
+        head.scene_breakdown = (args.breakdown, list(attributes[args.breakdown]))
     if args.swap is not None:
         attributes = getattr(data, "attributes", None) or {}
         if head.scene_judge is None or head.condition != "text" or args.swap not in attributes:

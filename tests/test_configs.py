@@ -150,6 +150,8 @@ def test_f2_tokenizer_under_generation_shapes(shard_dir: Path, tmp_path: Path, c
     scored = [line for line in lines if line.startswith("start ")]
     assert [line.split()[1] for line in scored] == ["0.50", "1.00"] and "(t = 500)" in scored[0]
     assert all("all_captions/all" in line and "judge_acc" in line for line in scored), lines
+    # the recipe's scene_breakdown: one-object scenes are also scored per size, whenever there are any
+    assert all(("'1_object/all'" in line) == ("'1_object_size=" in line) for line in scored), lines
     with Image.open(grid) as image:  # 4 rows (real, through the tokenizer, two starts) of the 4 square images
         assert image.height == image.width > 0
     # --swap: the test shards' captions are random words, so no scene's caption names its shape
@@ -157,6 +159,8 @@ def test_f2_tokenizer_under_generation_shapes(shard_dir: Path, tmp_path: Path, c
         probe.main(["--ckpt", str(run), "--start", "0.6", "--samples", "8", "--steps", "2", "--swap", "shape"])
     with pytest.raises(SystemExit, match="--swap texture"):
         probe.main(["--ckpt", str(run), "--start", "0.6", "--samples", "4", "--swap", "texture"])
+    with pytest.raises(SystemExit, match="--breakdown texture: needs a head with a scene judge and the attribute"):
+        probe.main(["--ckpt", str(run), "--start", "0.6", "--samples", "4", "--breakdown", "texture"])
     _check_swapped_captions(probe)
     _check_loss_table(probe, run, capsys)
     _check_ideal_observer(run, capsys)
