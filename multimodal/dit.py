@@ -15,6 +15,7 @@ One forward (the token embedding is :class:`multimodal.dit_inputs.TrunkInputs`, 
            (+ PooledConditionEmbedder(condition tokens) with ``pool_condition``)
     h      = [condition tokens ; tokens]  (joint attention, padding masked)          [B, L + N', H]
     h      = DiTBlock(h, c) x depth       (adaLN-Zero: shift/scale/gate from c)
+             (``long_skip``: block depth-1-i also reads block i's output, for i < depth / 2, U-ViT)
     out    = unpatchify(FinalLayer(h[:, L:], c))                                     [B, N, D]
 
 Timesteps ``t`` are on the discrete diffusion scale ``[0, num_timesteps)`` (1000 by default); floats
@@ -106,6 +107,11 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
             previous sampling step; in training, a no-grad pass of the same batch half the time,
             :class:`multimodal.diffusion.GaussianDiffusion`), through its own zero-initialised input
             projection, so a sample can keep what it has decided (an outline) from step to step.
+        long_skip: U-ViT's long skip connections (Bao et al. 2023, "All are Worth Words"): before each
+            block of the second half, ``h = Linear([h ; h_i])`` with h_i the output of its mirror block i
+            in the first half (the middle block of an odd depth has none), so the late blocks that draw
+            the prediction see the early, low-level features of the noisy input directly. Initialised to
+            ``[I, 0]``: the trunk starts as the plain DiT.
     """
 
     def __init__(
@@ -131,6 +137,7 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
         conv_mlp: bool = False,
         out_dim: int | None = None,
         self_condition: bool = False,
+        long_skip: bool = False,
     ) -> None:
         super().__init__()
         if gelu not in GELU_LAYERS:
@@ -178,6 +185,7 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
         self.rope = rope
         self.conv_mlp = conv_mlp
         self.self_condition = self_condition
+        self.long_skip = long_skip
 
         p2 = patch_size * patch_size
         self.x_embedder = nn.Linear(in_dim * p2, hidden_size)  # image patches (and sequences when p = 1)
@@ -193,6 +201,9 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, r, gelu, conv_mlp)
                                     for r in rates)
+        # long_skip: one Linear(2H -> H) per block of the second half, mirror of a first-half block
+        self.skip_linears = (nn.ModuleList(nn.Linear(2 * hidden_size, hidden_size) for _ in range(depth // 2))
+                             if long_skip else None)
         self.final_layer = FinalLayer(hidden_size, out_dim * p2, out_dim if patch_size > 1 and sequence_output else None)
         self._pos_cache: dict[tuple, Tensor] = {}
         self.initialize_weights()
@@ -223,6 +234,11 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
             if linear is not None:
                 nn.init.zeros_(linear.weight)
                 nn.init.zeros_(linear.bias)
+        for skip in self.skip_linears or ():  # [I, 0]: h passes, the skip adds nothing until it learns to
+            with torch.no_grad():
+                skip.weight.zero_()
+                skip.weight[:, : self.hidden_size].copy_(torch.eye(self.hidden_size))
+                skip.bias.zero_()
 
     # ------------------------------------------------------------------ trunk
 
@@ -299,11 +315,16 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
         """The DiT blocks: tokens [B, S, hidden], c [B, hidden], attn_mask [B, 1, 1, S] bool or None,
         rope [S, 2 * head_dim] or None, layout (``conv_mlp``: the segments, :mod:`multimodal.rope`) or None."""
         use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
+        depth, skips = len(self.blocks), []
+        for i, block in enumerate(self.blocks):
+            if self.skip_linears is not None and i >= depth - len(self.skip_linears):  # second half: mirror's output
+                h = self.skip_linears[i - (depth - len(self.skip_linears))](torch.cat([h, skips.pop()], dim=-1))
             if use_checkpoint:
                 h = checkpoint(block, h, c, attn_mask, rope, layout, use_reentrant=False)
             else:
                 h = block(h, c, attn_mask, rope, layout)
+            if self.skip_linears is not None and i < len(self.skip_linears):  # first half: kept for its mirror
+                skips.append(h)
         return h
 
     def forward(

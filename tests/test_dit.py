@@ -494,3 +494,27 @@ def test_self_condition_starts_as_the_plain_trunk_and_then_reads_the_estimate(pa
         self_cond(x, t, "image", x_self_cond=estimate[:, :8])
     with pytest.raises(ValueError, match="self_condition=False"):
         plain(x, t, "image", x_self_cond=estimate)
+
+
+def test_long_skip_starts_as_the_plain_trunk_and_joins_mirror_blocks() -> None:
+    plain, skip = randomize(make(depth=5)), make(depth=5, long_skip=True)
+    missing = skip.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == [f"skip_linears.{i}.{p}" for i in range(2) for p in ("bias", "weight")]  # 5 // 2
+    x, t, ids = torch.randn(2, 16, D), torch.tensor([100, 700]), torch.tensor([[4, 5, 6], [7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(skip(x, t, "image", cond_ids=ids), plain(x, t, "image", cond_ids=ids))
+    seen: dict[str, torch.Tensor] = {}
+    for i, block in enumerate(skip.blocks):
+        block.register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(f"out{i}", out))
+        block.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(f"in{i}", args[0]))
+    H = skip.hidden_size
+    with torch.no_grad():  # before block 3 (mirror: 1) take only the skip; before block 4 (mirror: 0) half of each
+        skip.skip_linears[0].weight.copy_(torch.cat([torch.zeros(H, H), torch.eye(H)], dim=1))
+        skip.skip_linears[1].weight.copy_(torch.cat([torch.eye(H), torch.eye(H)], dim=1) / 2)
+        skip(x, t, "image", cond_ids=ids)
+    torch.testing.assert_close(seen["in3"], seen["out1"])
+    torch.testing.assert_close(seen["in4"], (seen["out3"] + seen["out0"]) / 2)
+    torch.testing.assert_close(seen["in2"], seen["out1"])  # the middle block of an odd depth has no skip
+    fresh = randomize(make(depth=4, long_skip=True)).train()  # the skip half learns from the first step
+    fresh(x, t, "image", cond_ids=ids, drop_condition=False).square().sum().backward()
+    assert all(s.weight.grad[:, H:].abs().sum() > 0 for s in fresh.skip_linears)
