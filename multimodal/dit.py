@@ -315,15 +315,16 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
         """The DiT blocks: tokens [B, S, hidden], c [B, hidden], attn_mask [B, 1, 1, S] bool or None,
         rope [S, 2 * head_dim] or None, layout (``conv_mlp``: the segments, :mod:`multimodal.rope`) or None."""
         use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        depth, skips = len(self.blocks), []
+        n_skip = len(self.skip_linears) if self.skip_linears is not None else 0
+        first_out, skips = len(self.blocks) - n_skip, []  # blocks [first_out, depth) read their mirror's output
         for i, block in enumerate(self.blocks):
-            if self.skip_linears is not None and i >= depth - len(self.skip_linears):  # second half: mirror's output
-                h = self.skip_linears[i - (depth - len(self.skip_linears))](torch.cat([h, skips.pop()], dim=-1))
+            if i >= first_out:
+                h = self.skip_linears[i - first_out](torch.cat([h, skips.pop()], dim=-1))
             if use_checkpoint:
                 h = checkpoint(block, h, c, attn_mask, rope, layout, use_reentrant=False)
             else:
                 h = block(h, c, attn_mask, rope, layout)
-            if self.skip_linears is not None and i < len(self.skip_linears):  # first half: kept for its mirror
+            if i < n_skip:  # first half: kept for its mirror
                 skips.append(h)
         return h
 
