@@ -238,13 +238,15 @@ class GaussianDiffusion(nn.Module):
         x_mask: Tensor | None = None,
         t: Tensor | None = None,
         noise: Tensor | None = None,
+        loss_weight: Tensor | None = None,
         **model_kwargs: Any,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """MSE of the model's prediction on RAW latents x0 [B, N, D] (normalised here).
 
         t (optional): [B] long in [0, T) (diffusion) or float in [0, 1] (flow), uniform if None;
         noise (optional): like x0. The squared error is averaged over the valid tokens of ``x_mask``
-        [B, N] (all when None) and the D channels. Returns (loss, logs) where logs hold the detached
+        [B, N] (all when None) and the D channels; ``loss_weight`` [B, N] (optional, >= 0) makes it a
+        weighted mean over the tokens. Returns (loss, logs) where logs hold the detached
         loss and its mean per quarter of the time range (``loss_q0`` = least noisy).
         """
         x0 = self.normalize(x0)
@@ -266,6 +268,8 @@ class GaussianDiffusion(nn.Module):
         out = model_fn(x_t, self.model_timesteps(t), **model_kwargs)
         err = (out.float() - target.float()).square().mean(dim=-1)  # [B, N]
         valid = torch.ones_like(err) if x_mask is None else x_mask.to(err.dtype)
+        if loss_weight is not None:
+            valid = valid * loss_weight.to(err.dtype)
         return self.reduce_loss(err, valid, t)
 
     def reduce_loss(self, err: Tensor, valid: Tensor, t: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

@@ -17,6 +17,7 @@ One forward (the token embedding is :class:`multimodal.dit_inputs.TrunkInputs`, 
     h      = DiTBlock(h, c) x depth       (adaLN-Zero: shift/scale/gate from c)
              (``long_skip``: block depth-1-i also reads block i's output, for i < depth / 2, U-ViT)
     out    = unpatchify(FinalLayer(h[:, L:], c))                                     [B, N, D]
+             (``refiner``: + a convolutional stage over the cells, multimodal.refiner)
 
 Timesteps ``t`` are on the discrete diffusion scale ``[0, num_timesteps)`` (1000 by default); floats
 are allowed, so a rectified-flow time ``s in [0, 1]`` is passed as ``s * 1000`` (see
@@ -55,6 +56,7 @@ from .dit_blocks import GELU_LAYERS, DiTBlock, FinalLayer, unpatchify
 from .dit_inputs import GRID_MODALITIES, MODALITIES, TrunkInputs
 from .embeddings import LabelEmbedder, PooledConditionEmbedder, TimestepEmbedder
 from .layers import resolve_preset
+from .refiner import CellRefiner
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"depth": 2, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 4.0},
@@ -112,6 +114,9 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
             in the first half (the middle block of an odd depth has none), so the late blocks that draw
             the prediction see the early, low-level features of the noisy input directly. Initialised to
             ``[I, 0]``: the trunk starts as the plain DiT.
+        refiner: C > 0 adds a convolutional stage at the latent grid's resolution after the final layer
+            (:class:`multimodal.refiner.CellRefiner`, C channels a cell; zero-initialised, image grids only):
+            the p x p cells of a token drawn by 3 x 3 convolutions that see the noisy input's cells.
     """
 
     def __init__(
@@ -138,6 +143,7 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
         out_dim: int | None = None,
         self_condition: bool = False,
         long_skip: bool = False,
+        refiner: int = 0,
     ) -> None:
         super().__init__()
         if gelu not in GELU_LAYERS:
@@ -149,6 +155,8 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
         out_dim = in_dim if out_dim is None else out_dim
         _check_positive(in_dim=in_dim, out_dim=out_dim, depth=depth, hidden_size=hidden_size, num_heads=num_heads,
                         frequency_size=frequency_size)
+        if refiner < 0:
+            raise ValueError(f"DiffusionTransformer: refiner must be >= 0 channels (0 = none), got {refiner!r}")
         if hidden_size % num_heads:
             raise ValueError(f"DiffusionTransformer: hidden_size={hidden_size} must be divisible by "
                              f"num_heads={num_heads}")
@@ -205,6 +213,7 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
         self.skip_linears = (nn.ModuleList(nn.Linear(2 * hidden_size, hidden_size) for _ in range(depth // 2))
                              if long_skip else None)
         self.final_layer = FinalLayer(hidden_size, out_dim * p2, out_dim if patch_size > 1 and sequence_output else None)
+        self.refiner = CellRefiner(hidden_size, in_dim, out_dim, patch_size, refiner) if refiner else None
         self._pos_cache: dict[tuple, Tensor] = {}
         self.initialize_weights()
 
@@ -234,6 +243,8 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
             if linear is not None:
                 nn.init.zeros_(linear.weight)
                 nn.init.zeros_(linear.bias)
+        if self.refiner is not None:
+            self.refiner.initialize_weights()  # not DiT's Xavier: its convolutions, its zero output
         for skip in self.skip_linears or ():  # [I, 0]: h passes, the skip adds nothing until it learns to
             with torch.no_grad():
                 skip.weight.zero_()
@@ -362,6 +373,8 @@ class DiffusionTransformer(TrunkInputs, nn.Module):
         out = self.final_layer(h, c, sequence=grid is None)
         if grid is not None:
             out = unpatchify(out, grid, self.patch_size)
+            if self.refiner is not None:
+                out = out + self.refiner(h, x, grid).to(out.dtype)
         if x_mask is not None:
             out = out * x_mask[..., None].to(out.dtype)
         return out

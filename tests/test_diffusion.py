@@ -148,6 +148,23 @@ def test_training_loss_masks_padding() -> None:
         assert set(logs) == {"loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3"}
 
 
+def test_training_loss_weights_tokens() -> None:
+    diff = GaussianDiffusion(prediction="v")
+    x0, noise, t = torch.randn(2, 4, 3), torch.randn(2, 4, 3), torch.tensor([10, 700])
+    target = diff.v_target(diff.normalize(x0), noise, t)
+    offsets = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 1.0, 1.0]])  # error a token: offset^2
+
+    def model_fn(x, tt):
+        return target + offsets[..., None]
+
+    weight = torch.tensor([[1.0, 1.0, 1.0, 5.0], [1.0, 3.0, 1.0, 1.0]])
+    loss, _ = diff.training_loss(model_fn, x0, t=t, noise=noise, loss_weight=weight)
+    expected = (weight * offsets.square()).sum() / weight.sum()  # a weighted mean over the tokens
+    assert math.isclose(loss.item(), expected.item(), rel_tol=1e-5)
+    plain, _ = diff.training_loss(model_fn, x0, t=t, noise=noise)
+    assert math.isclose(plain.item(), offsets.square().mean().item(), rel_tol=1e-5)
+
+
 def test_latent_scale_travels_in_state_dict() -> None:
     torch.manual_seed(0)
     diff = GaussianDiffusion()

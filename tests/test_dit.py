@@ -518,3 +518,30 @@ def test_long_skip_starts_as_the_plain_trunk_and_joins_mirror_blocks() -> None:
     fresh = randomize(make(depth=4, long_skip=True)).train()  # the skip half learns from the first step
     fresh(x, t, "image", cond_ids=ids, drop_condition=False).square().sum().backward()
     assert all(s.weight.grad[:, H:].abs().sum() > 0 for s in fresh.skip_linears)
+
+
+@pytest.mark.parametrize("patch", [1, 2])
+def test_refiner_starts_as_the_plain_trunk_and_refines_cells_locally(patch: int) -> None:
+    plain, refined = randomize(make(patch_size=patch)), make(patch_size=patch, refiner=6)
+    missing = refined.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("refiner.") for k in missing)
+    x, t, ids = torch.randn(2, 64, D), torch.tensor([100, 700]), torch.tensor([[4, 5, 6], [7, 8, 9]])
+    with torch.no_grad():  # zero output convolution: exactly the plain trunk
+        torch.testing.assert_close(refined(x, t, "image", cond_ids=ids), plain(x, t, "image", cond_ids=ids))
+        audio = torch.randn(2, 5, D)  # sequences never pass through it
+        torch.testing.assert_close(refined(audio, t, "audio"), plain(audio, t, "audio"))
+    randomize(refined)
+    refiner = refined.refiner
+    h = torch.randn(2, 64 // patch**2, refined.hidden_size)
+    with torch.no_grad():  # two 3 x 3 convolutions: a cell's correction reads x within 2 cells of it only
+        base = refiner(h, x, (8, 8))
+        moved = x.clone()
+        moved[:, 0] += 5.0  # cell (0, 0)
+        diff = (refiner(h, moved, (8, 8)) - base).abs().sum(dim=(0, 2)).reshape(8, 8)
+    assert diff[:3, :3].sum() > 0 and diff[3:].sum() == 0 and diff[:, 3:].sum() == 0
+    fresh = make(patch_size=patch, refiner=6).train()  # the zero output convolution learns from the first step
+    randomize(fresh.final_layer)  # (a zero output would give the squared loss no gradient)
+    fresh(x, t, "image", cond_ids=ids, drop_condition=False).square().sum().backward()
+    assert fresh.refiner.out.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="refiner must be >= 0"):
+        make(refiner=-1)

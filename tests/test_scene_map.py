@@ -119,3 +119,41 @@ def test_a_generation_head_with_a_scene_map_fits_and_reports(mode: str, shard_di
     quarters = [m[f"val/gen/scene_map/colour_acc_q{q}"] for q in range(4) if f"val/gen/scene_map/colour_acc_q{q}" in m]
     assert quarters and all(0.0 <= float(v) <= 1.0 or torch.isnan(v) for v in quarters)
     assert any(k.startswith("gen.scene_map.out") for k in model.heads.state_dict())  # in the checkpoint
+
+
+def test_object_loss_weight_weighs_the_cells_near_objects_in_training_only(shard_dir: Path, tokenizer_run: Path) -> None:
+    with pytest.raises(ValueError, match="object_loss_weight needs images with scene annotations"):
+        GenerationHead("image", "text", num_classes=3, object_loss_weight=2.0)
+    with pytest.raises(ValueError, match="object_loss_weight must be >= 0 and object_loss_sigma > 0"):
+        GenerationHead("image", "text", num_classes=3, scene_attributes=ATTRS, object_loss_weight=1.0,
+                       object_loss_sigma=0.0)
+    torch.manual_seed(0)
+    backbone = Backbone(tokenizer_ckpt=str(tokenizer_run),
+                        trunk=DiffusionTransformer(in_dim=16, preset="tiny", text_vocab_size=64))
+    head = GenerationHead("image", "text", num_classes=3, scene_attributes=ATTRS, object_loss_weight=3.0,
+                          object_loss_sigma=1.0)
+    MultiTaskModule(backbone, {"gen": head})
+    data = WebDataModule(root=str(shard_dir), keys=["image", "text", "label", "objects"], batch_size=4, vocab_size=40)
+    data.setup("fit")
+    head.bind_data(data, "gen")
+    batch = next(iter(data.train_dataloader()))
+    seen: list = []
+    original = head.diffusion.training_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("loss_weight"))
+        return original(*args, **kwargs)
+
+    head.diffusion.training_loss = spy
+    head.train()
+    head.loss(backbone, batch, 0)
+    head.eval()
+    head.loss(backbone, batch, 0)
+    weight, uniform = seen
+    assert uniform is None  # evaluation: the plain mean
+    grid = backbone.codec("image").grid_size
+    assert weight.shape == (4, grid[0] * grid[1])
+    expected = 1 + 3.0 * object_bumps(batch["objects"], grid, 1.0).sum(-1)
+    torch.testing.assert_close(weight, expected)
+    centres = centre_tokens(batch["objects"][:, :1], grid)[:, 0]  # each scene's first object
+    assert bool((weight.gather(1, centres[:, None])[:, 0] > 2.0).all())  # near a centre: weight ~ 1 + 3
