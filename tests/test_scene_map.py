@@ -157,3 +157,45 @@ def test_object_loss_weight_weighs_the_cells_near_objects_in_training_only(shard
     torch.testing.assert_close(weight, expected)
     centres = centre_tokens(batch["objects"][:, :1], grid)[:, 0]  # each scene's first object
     assert bool((weight.gather(1, centres[:, None])[:, 0] > 2.0).all())  # near a centre: weight ~ 1 + 3
+
+
+@pytest.mark.parametrize("decoded_batch", [None, 2])
+def test_judges_learn_from_the_decoded_view_of_the_first_items(decoded_batch, shard_dir: Path,
+                                                               tokenizer_run: Path) -> None:
+    torch.manual_seed(0)
+    backbone = Backbone(tokenizer_ckpt=str(tokenizer_run),
+                        trunk=DiffusionTransformer(in_dim=16, preset="tiny", text_vocab_size=64))
+    head = GenerationHead("image", "text", num_classes=3, scene_attributes=ATTRS, judge_batch=3,
+                          judge_decoded_batch=decoded_batch)
+    MultiTaskModule(backbone, {"gen": head})
+    data = WebDataModule(root=str(shard_dir), keys=["image", "text", "label", "objects"], batch_size=4, vocab_size=40)
+    data.setup("fit")
+    head.bind_data(data, "gen")
+    batch = next(iter(data.train_dataloader()))
+    seen: dict = {}
+    classify, scene_loss = head.judge.classify, head.scene_judge.loss
+
+    def spy_classify(x):
+        seen["judge"] = x
+        return classify(x)
+
+    def spy_scene(x, objects):
+        seen["scene"] = (x, objects)
+        return scene_loss(x, objects)
+
+    head.judge.classify, head.scene_judge.loss = spy_classify, spy_scene
+    loss, logs = head.judges_loss(backbone, batch)
+    m = 3 if decoded_batch is None else decoded_batch
+    real, decoded = seen["judge"][:3], seen["judge"][3:]
+    assert decoded.shape[0] == m  # the first m of the 3 judged items, decoded
+
+    def first(k: int) -> dict:
+        return {key: (v[:k] if isinstance(v, (torch.Tensor, list)) else v) for key, v in batch.items()}
+
+    torch.testing.assert_close(real, head.judge_input(backbone, first(3)))
+    torch.testing.assert_close(decoded, head._decoded_input(backbone, first(m)))
+    x, objects = seen["scene"]
+    assert x is seen["judge"] and torch.equal(objects, torch.cat([batch["objects"][:3], batch["objects"][:m]]))
+    assert torch.isfinite(loss) and "judge/acc" in logs
+    with pytest.raises(ValueError, match="judge_decoded_batch must be >= 1"):
+        GenerationHead("image", "text", num_classes=3, judge_decoded_batch=0)

@@ -103,7 +103,9 @@ class GenerationHead(Judged, FixedLengthAudio, Head):
     judge_batch: the judges train on the first ``judge_batch`` real items of each batch (they learn
         fast; the full batch would cost as much again as the trunk's step on a CPU).
     judge_decoded: the judges also learn from those items as the frozen tokenizer renders them
-        (``tasks.heads.generation_judges``), so they read decoded samples as well as originals.
+        (``tasks.heads.generation_judges``), so they read decoded samples as well as originals;
+        judge_decoded_batch: of the first that many of them only (None: all; decoding costs a CPU step
+        about a third as much as the trunk's forward and backward: ``python scripts/benchmark.py step``).
     object_loss_weight / object_loss_sigma: images with scene annotations: in training, the diffusion
         loss of each latent cell weighs ``1 + object_loss_weight * sum_k bump_k(cell)``, a Gaussian bump
         (std ``object_loss_sigma`` cells) on every object's centre (0 = uniform). A small object covers a
@@ -138,6 +140,7 @@ class GenerationHead(Judged, FixedLengthAudio, Head):
         transcriber: bool = False,
         judge_batch: int = 16,
         judge_decoded: bool = True,
+        judge_decoded_batch: int | None = None,
         judge_pool: str | None = None,
         scene_map: str = "off",
         scene_map_layer: int = 2,
@@ -172,7 +175,9 @@ class GenerationHead(Judged, FixedLengthAudio, Head):
         self.judge_weight, self.num_media, self.floor_samples = judge_weight, num_media, floor_samples
         if judge_batch < 1:
             raise ValueError(f"generation head: judge_batch must be >= 1, got {judge_batch}")
-        self.judge_batch, self.judge_decoded = judge_batch, judge_decoded
+        if judge_decoded_batch is not None and judge_decoded_batch < 1:
+            raise ValueError(f"generation head: judge_decoded_batch must be >= 1 or None, got {judge_decoded_batch}")
+        self.judge_batch, self.judge_decoded, self.judge_decoded_batch = judge_batch, judge_decoded, judge_decoded_batch
         keys = list(modality_keys)
         if condition == "label" or judge:
             keys.append("label")

@@ -32,8 +32,9 @@ class Judged:
         """The judge networks' losses on the real batch (its first ``judge_batch`` items), detached from
         everything else: the label judge (cross-entropy), the transcriber (CTC), the scene judge.
 
-        With ``judge_decoded`` they learn from those items twice: as they are, and as the frozen tokenizer
-        renders them (encoded, snapped, decoded), which is what every generated sample goes through:
+        With ``judge_decoded`` they learn from those items twice (the first ``judge_decoded_batch`` of them,
+        all when None): as they are, and as the frozen tokenizer renders them (encoded, snapped, decoded),
+        which is what every generated sample goes through:
         a judge that only ever saw crisp originals misreads a rendering it would read as a true scene
         (measured on the shapes: the scene judge read the shape of 0.55 of decoded real objects
         against 0.99 of the originals)."""
@@ -45,22 +46,27 @@ class Judged:
         real = self.judge_input(backbone, sub).detach()
         if self.training and self.judge is not None:
             self._remember_real(real)
-        views = [real, self._decoded_input(backbone, sub)] if self.judge_decoded else [real]
-        x, k = torch.cat(views), len(views)
+        items = torch.arange(real.shape[0], device=real.device)  # the item of sub each judged input shows
+        x = real
+        if self.judge_decoded:  # the decoded view of the first judge_decoded_batch items (None: all of them)
+            m = real.shape[0] if self.judge_decoded_batch is None else min(self.judge_decoded_batch, real.shape[0])
+            head = {k: (v[:m] if isinstance(v, (Tensor, list)) else v) for k, v in sub.items()}
+            x = torch.cat([real, self._decoded_input(backbone, head)])
+            items = torch.cat([items, items[:m]])
         if self.judge is not None:
-            labels = sub["label"].repeat(k)
+            labels = sub["label"][items]
             logits = self.judge.classify(x)
             judge_loss = F.cross_entropy(logits, labels)
             loss = loss + judge_loss
             logs["judge/loss"] = judge_loss.detach()
             logs["judge/acc"] = (logits.argmax(-1) == labels).float().mean()
         if self.transcriber is not None:
-            ctc, ctc_logs = self.transcriber.loss(x, list(sub["text"]) * k, self.text_vocab)
+            ctc, ctc_logs = self.transcriber.loss(x, [sub["text"][i] for i in items.tolist()], self.text_vocab)
             loss = loss + ctc
             logs["transcriber/ctc"] = ctc.detach()
             logs.update({f"transcriber/{k}": v for k, v in ctc_logs.items()})
         if self.scene_judge is not None:
-            scene_loss, scene_logs = self.scene_judge.loss(x, sub["objects"].repeat(k, 1, 1))
+            scene_loss, scene_logs = self.scene_judge.loss(x, sub["objects"][items])
             loss = loss + scene_loss
             logs.update({f"scene_judge/{k}": v for k, v in scene_logs.items()})
         return loss, logs
