@@ -333,6 +333,7 @@ class GaussianDiffusion(nn.Module):
         guidance: float = 1.0,
         generator: torch.Generator | None = None,
         x_mask: Tensor | None = None,
+        guidance_interval: tuple[float, float] = (0.0, 1.0),
         noise: Tensor | None = None,
         device: torch.device | str | None = None,
         clip_denoised: float | None = None,
@@ -346,7 +347,9 @@ class GaussianDiffusion(nn.Module):
         sampler: ``ddim`` (default; ``eta`` = 0 deterministic, 1 = DDPM-like) or ``ddpm`` (ancestral,
         posterior variance) over ``steps`` respaced timesteps, or ``euler`` (flow; the default there).
         guidance: classifier-free guidance scale (1 = conditional only, no extra compute; > 1 calls
-        ``model_fn.forward_with_cfg``, both halves in one batch). The same ``generator`` state gives
+        ``model_fn.forward_with_cfg``, both halves in one batch), applied only at the steps whose time
+        fraction t / T lies in ``guidance_interval`` = (lo, hi) (Kynkaanniemi et al. 2024, "Applying
+        guidance in a limited interval"; elsewhere the conditional half alone). The same ``generator`` state gives
         the same samples. ``noise`` (optional) replaces the initial Gaussian draw. Padded positions
         (``x_mask`` False) come back as 0. ``device`` defaults to the buffers' device.
         ``clip_denoised`` (diffusion samplers) clamps every x0 estimate to [-c, c] in normalised
@@ -366,6 +369,9 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"sample: guidance must be >= 0, got {guidance!r}")
         if not eta >= 0:
             raise ValueError(f"sample: eta must be >= 0, got {eta!r}")
+        lo, hi = (float(v) for v in guidance_interval)
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"sample: guidance_interval must be (lo, hi) with 0 <= lo < hi <= 1, got {guidance_interval!r}")
         if clip_denoised is not None and not clip_denoised > 0:
             raise ValueError(f"sample: clip_denoised must be positive or None, got {clip_denoised!r}")
         if not 0.0 < start <= 1.0:
@@ -385,7 +391,9 @@ class GaussianDiffusion(nn.Module):
                                  "**kwargs) (e.g. DiffusionTransformer) that runs both halves as one batch")
 
             def predict(x: Tensor, t: Tensor) -> Tensor:
-                return model_fn.forward_with_cfg(x, t, guidance=guidance, **model_kwargs)
+                if lo <= float(t.reshape(-1)[0]) / self.num_timesteps <= hi:  # t on the model's scale
+                    return model_fn.forward_with_cfg(x, t, guidance=guidance, **model_kwargs)
+                return model_fn(x, t, **model_kwargs)
         else:
             def predict(x: Tensor, t: Tensor) -> Tensor:
                 return model_fn(x, t, **model_kwargs)

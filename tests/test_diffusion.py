@@ -249,6 +249,31 @@ def test_tiny_trunk_learns_toy_data(kind: str, schedule: str | None, steps: int,
     assert hit > 0.9, hit
 
 
+@pytest.mark.parametrize("objective", ["diffusion", "flow"])
+def test_guidance_interval_guides_only_its_steps(objective: str) -> None:
+    diff = GaussianDiffusion(objective=objective)
+    calls: list[tuple[str, float]] = []
+
+    class Model:
+        def __call__(self, x, t, **kw):
+            calls.append(("cond", float(t[0]) / diff.num_timesteps))
+            return torch.zeros_like(x)
+
+        def forward_with_cfg(self, x, t, guidance, **kw):
+            calls.append(("cfg", float(t[0]) / diff.num_timesteps))
+            return torch.zeros_like(x)
+
+    diff.sample(Model(), (2, 3, 4), steps=10, guidance=3.0, guidance_interval=(0.3, 0.7))
+    assert len(calls) == 10 and {kind for kind, _ in calls} == {"cond", "cfg"}
+    assert all((kind == "cfg") == (0.3 <= frac <= 0.7) for kind, frac in calls)
+    calls.clear()
+    diff.sample(Model(), (2, 3, 4), steps=10, guidance=3.0)  # the default interval: every step guided
+    assert [kind for kind, _ in calls] == ["cfg"] * 10
+    for bad in ((0.5, 0.5), (-0.1, 0.5), (0.2, 1.5)):
+        with pytest.raises(ValueError, match="guidance_interval"):
+            diff.sample(Model(), (2, 3, 4), steps=2, guidance=3.0, guidance_interval=bad)
+
+
 def test_seed_and_guidance_semantics() -> None:
     torch.manual_seed(0)
     model = DiffusionTransformer(in_dim=4, preset="tiny", num_classes=3).eval()

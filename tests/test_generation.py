@@ -80,6 +80,8 @@ def test_bad_generation_settings_fail_at_start(tokenizer_run: Path, shard_dir: P
         GenerationHead("image", "label", num_classes=3, guidance=-1)
     with pytest.raises(ValueError, match="sample_steps must be >= 1"):
         GenerationHead("image", "label", num_classes=3, sample_steps=0)
+    with pytest.raises(ValueError, match="guidance_interval must be"):
+        GenerationHead("image", "label", num_classes=3, guidance_interval=(0.8, 0.2))
     with pytest.raises(ValueError, match="trunk.in_dim=32 does not match the tokenizer's latent size"):
         MultiTaskModule(Backbone(tokenizer_ckpt=str(tokenizer_run), trunk=DiffusionTransformer(in_dim=32, preset="tiny", num_classes=3)),
                         {"gen": GenerationHead("image", "label", num_classes=3)})

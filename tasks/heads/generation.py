@@ -82,6 +82,8 @@ class GenerationHead(Judged, FixedLengthAudio, Head):
         over the codebook, cross-entropy; needs ``trunk.out_dim`` = the codebook size; see the module doc).
     audio_tokens: length of generated audio in tokens (25 = 1 s at hop 160, r = 4).
     sample_steps / sampler / eta / guidance: sampling at evaluation and prediction.
+    guidance_interval: (lo, hi): guidance only at the sampling steps with t / T in [lo, hi] (the
+        conditional half alone elsewhere; ``GaussianDiffusion.sample``).
     snap_denoised: snap the sampler's x0 estimate to the nearest codes (the data's latents are code
         vectors) at every step in the last ``snap_denoised`` of the time range (0 = never, 1 = every step;
         as clipping x0 to [-1, 1] in pixel space): the sample commits to codes before the last step.
@@ -124,6 +126,7 @@ class GenerationHead(Judged, FixedLengthAudio, Head):
         sampler: str | None = None,
         eta: float = 0.0,
         guidance: float = 4.0,
+        guidance_interval: tuple[float, float] = (0.0, 1.0),
         snap_denoised: float = 0.0,
         eval_samples: int = 100,
         eval_every_n: int = 1,
@@ -171,6 +174,11 @@ class GenerationHead(Judged, FixedLengthAudio, Head):
         self.diffusion = diffusion if diffusion is not None else GaussianDiffusion()
         self.audio_tokens = audio_tokens
         self.sample_steps, self.sampler, self.eta, self.guidance = sample_steps, sampler, eta, guidance
+        lo, hi = (float(v) for v in guidance_interval)
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"generation head: guidance_interval must be (lo, hi) with 0 <= lo < hi <= 1, got "
+                             f"{guidance_interval!r}")
+        self.guidance_interval = (lo, hi)
         self.eval_samples, self.eval_every_n, self.eval_batch = eval_samples, eval_every_n, eval_batch
         self.judge_weight, self.num_media, self.floor_samples = judge_weight, num_media, floor_samples
         if judge_batch < 1:
@@ -409,7 +417,8 @@ class GenerationHead(Judged, FixedLengthAudio, Head):
             guidance = 1.0
         latents = self.diffusion.sample(
             self.denoiser(backbone), (batch, n_tokens, backbone.quantizer.dim), steps=steps or self.sample_steps,
-            sampler=self.sampler, eta=self.eta, guidance=guidance, generator=generator, device=device,
+            sampler=self.sampler, eta=self.eta, guidance=guidance, guidance_interval=self.guidance_interval,
+            generator=generator, device=device,
             x_start=x_start, start=start, denoised_fn=self._snapper(backbone), **kwargs,
         )
         snapped = backbone.snap_to_codebook(latents)
