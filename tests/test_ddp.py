@@ -64,3 +64,24 @@ def test_multitask_ddp_two_cpu_processes(shard_dir: Path, tokenizer_run: Path, t
     for task in cfg["model"]["init_args"]["heads"]:
         assert any(k.startswith(f"val/{task}/") for k in metrics), (task, sorted(metrics))
     assert metrics == ranks[1]["val_metrics"]
+
+
+@pytest.mark.slow
+def test_a_single_task_recipe_trains_under_the_scale_overlays_strategy(shard_dir: Path, tokenizer_run: Path,
+                                                                       tmp_path: Path) -> None:
+    """classify_digits.yaml never uses the trunk's final layer (an understanding head reads the features):
+    plain ``ddp`` stops at the first step; configs/scale/gpu_ddp.yaml's strategy trains it."""
+    overlay = yaml.safe_load((ROOT / "configs" / "scale" / "gpu_ddp.yaml").read_text())["trainer"]
+    cfg = tiny_config("classify_digits.yaml", shard_dir, tmp_path / "run", tokenizer_run)
+    cfg["trainer"].update(accelerator="cpu", devices=2, strategy=overlay["strategy"], max_steps=2,
+                          limit_val_batches=0, num_sanity_val_steps=0)
+    path = tmp_path / "ddp.yaml"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for strategy, ok in ((overlay["strategy"], True), ("ddp", False)):
+        cfg["trainer"]["strategy"] = strategy
+        path.write_text(yaml.safe_dump(cfg))
+        proc = subprocess.run([sys.executable, "-m", "multimodal", "fit", "--config", str(path)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert (proc.returncode == 0) == ok, (strategy, proc.stderr[-3000:])
+        if not ok:
+            assert "parameters that were not used in producing the loss" in proc.stderr
