@@ -5,7 +5,7 @@ each (a part switched off, cheapened or added), every row a fresh ``lightning fi
         --tokenizer runs/tokenizer_image_f2 --threads 1
 
 The default rows are the caption -> image recipe's parts (``configs/generation_shapes.yaml``): the judges'
-decoded view, their batch, self-conditioning, the scene map, and a cell refiner. ``--row NAME=ARGS`` (any
+decoded view (off, or of fewer items), their batch, self-conditioning, the scene map, and a cell refiner. ``--row NAME=ARGS`` (any
 number) replaces them: ARGS are ``lightning fit`` arguments added to the recipe's, e.g.
 ``--row "no self-conditioning=--model.init_args.backbone.init_args.trunk.init_args.self_condition false"``;
 a row with no ARGS is the recipe itself. Timing as ``scripts/benchmarks/stage2.py`` (no validation,
@@ -34,6 +34,7 @@ _TRUNK = "--model.init_args.backbone.init_args.trunk.init_args"
 DEFAULT_ROWS = [
     "recipe=",
     f"judges without the decoded view={_HEAD}.judge_decoded false",
+    f"the decoded view of 4 items, not 16={_HEAD}.judge_decoded_batch 4",
     f"judges on 4 items, not 16={_HEAD}.judge_batch 4",
     f"no self-conditioning={_TRUNK}.self_condition false",
     f"no scene map={_HEAD}.scene_map off",
