@@ -85,32 +85,63 @@ class StepTimer:
         return _Timer()
 
 
-def _worker(spec: dict) -> None:
-    from multimodal.cli import main
-
-    overlay = {
-        "trainer": {
-            "max_steps": spec["warmup"] + spec["steps"], "limit_val_batches": 0, "num_sanity_val_steps": 0,
-            "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
-            "default_root_dir": spec["root"], "precision": spec["precision"],
-            "callbacks": [{"class_path": "multimodal.callbacks.EMA", "init_args": {"decay": 0.995}}],
-        },
-        "model": {"init_args": {"cache_latents": spec["cache"], "fused_optimizer": spec["fused"],
-                                "backbone": {"init_args": {"tokenizer_ckpt": spec["tokenizer"],
-                                                           "trunk": {"init_args": {"gelu": spec["gelu"]}}}}}},
-    }
-    path = Path(spec["root"]) / "overlay.yaml"
-    path.write_text(yaml.safe_dump(overlay))
+def timed_fit(config: str, overlay: dict, root: str, out: str, extra: list[str] = ()) -> None:
+    """In a worker process: ``lightning fit --config CONFIG --config OVERLAY EXTRA...`` with a
+    :class:`StepTimer` joining the recipe's callbacks (its marks written to ``out``)."""
     import lightning.pytorch.cli as lcli
 
-    timer = StepTimer.make(spec["out"])
+    from multimodal.cli import main
+
+    path = Path(root) / "overlay.yaml"
+    path.write_text(yaml.safe_dump(overlay))
+    timer = StepTimer.make(out)
     original = lcli.LightningCLI._instantiate_trainer
 
     def with_timer(self, config, callbacks):  # the timer joins the recipe's callbacks
         return original(self, config, [*callbacks, timer])
 
     lcli.LightningCLI._instantiate_trainer = with_timer
-    main(["fit", "--config", spec["config"], "--config", str(path)])
+    main(["fit", "--config", config, "--config", str(path), *extra])
+
+
+def bench_overlay(steps: int, root: str, tokenizer: str) -> dict:
+    """The trainer settings of a timed fit: ``steps`` steps, no validation, logger or checkpoints, the
+    recipe's callbacks replaced by EMA; the backbone's stage-1 run."""
+    return {
+        "trainer": {
+            "max_steps": steps, "limit_val_batches": 0, "num_sanity_val_steps": 0,
+            "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+            "default_root_dir": root,
+            "callbacks": [{"class_path": "multimodal.callbacks.EMA", "init_args": {"decay": 0.995}}],
+        },
+        "model": {"init_args": {"backbone": {"init_args": {"tokenizer_ckpt": tokenizer}}}},
+    }
+
+
+def measure_worker(bench: str, spec: dict, env: dict, warmup: int, name: str) -> dict:
+    """Run ``benchmark.py BENCH --worker SPEC`` (``spec`` holds ``root`` and ``out``) -> the medians of
+    the timed steps after ``warmup``: ``step``, ``forward``, ``backward`` and ``rest`` (seconds)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), bench, "--worker",
+                           json.dumps(spec)], env=env, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"row {name!r} failed:\n{proc.stderr[-3000:]}")
+    marks = json.loads(Path(spec["out"]).read_text())
+    timed = list(zip(marks[:-1], marks[1:]))[warmup:]
+    med = statistics.median
+    return {
+        "step": med(b["start"] - a["start"] for a, b in timed),
+        "forward": med(a["forward"] - a["start"] for a, _ in timed),
+        "backward": med(a["backward"] - a["forward"] for a, _ in timed),
+        "rest": med(b["start"] - a["backward"] for a, b in timed),
+    }
+
+
+def _worker(spec: dict) -> None:
+    overlay = bench_overlay(spec["warmup"] + spec["steps"], spec["root"], spec["tokenizer"])
+    overlay["trainer"]["precision"] = spec["precision"]
+    overlay["model"]["init_args"].update(cache_latents=spec["cache"], fused_optimizer=spec["fused"])
+    overlay["model"]["init_args"]["backbone"]["init_args"]["trunk"] = {"init_args": {"gelu": spec["gelu"]}}
+    timed_fit(spec["config"], overlay, spec["root"], spec["out"])
 
 
 def _measure(name: str, row: dict, args: argparse.Namespace) -> dict:
@@ -120,19 +151,7 @@ def _measure(name: str, row: dict, args: argparse.Namespace) -> dict:
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT),
                    MULTIMODAL_ATTENTION="sdpa" if row["attention"] == "sdpa" else "explicit",
                    MULTIMODAL_MALLOC="default" if row["malloc"] == "default" else "tuned")
-        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "stage2", "--worker",
-                               json.dumps(spec)], env=env, capture_output=True, text=True, cwd=ROOT)
-        if proc.returncode != 0:
-            raise SystemExit(f"row {name!r} failed:\n{proc.stderr[-3000:]}")
-        marks = json.loads(Path(spec["out"]).read_text())
-    timed = list(zip(marks[:-1], marks[1:]))[args.warmup:]
-    med = statistics.median
-    return {
-        "step": med(b["start"] - a["start"] for a, b in timed),
-        "forward": med(a["forward"] - a["start"] for a, _ in timed),
-        "backward": med(a["backward"] - a["forward"] for a, _ in timed),
-        "rest": med(b["start"] - a["backward"] for a, b in timed),
-    }
+        return measure_worker("stage2", spec, env, args.warmup, name)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -9,7 +9,8 @@ decoded view (off, or of fewer items), their batch, self-conditioning, the scene
 number) replaces them: ARGS are ``lightning fit`` arguments added to the recipe's, e.g.
 ``--row "no self-conditioning=--model.init_args.backbone.init_args.trunk.init_args.self_condition false"``;
 a row with no ARGS is the recipe itself. Timing as ``scripts/benchmarks/stage2.py`` (no validation,
-no checkpoints, the recipe's own callbacks replaced by EMA; median of ``--steps`` after ``--warmup``).
+no checkpoints, the recipe's own callbacks replaced by EMA; median of ``--steps`` after ``--warmup``; the
+timed fit itself is ``benchmarks.stage2.timed_fit``).
 """
 
 from __future__ import annotations
@@ -18,15 +19,10 @@ import argparse
 import json
 import os
 import shlex
-import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-import yaml
-
-from benchmarks.stage2 import StepTimer
+from benchmarks.stage2 import bench_overlay, measure_worker, timed_fit
 
 ROOT = Path(__file__).resolve().parents[2]
 _HEAD = "--model.init_args.heads.shapes.init_args"
@@ -54,46 +50,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _worker(spec: dict) -> None:
-    import lightning.pytorch.cli as lcli
-
-    from multimodal.cli import main
-
-    overlay = {
-        "trainer": {
-            "max_steps": spec["warmup"] + spec["steps"], "limit_val_batches": 0, "num_sanity_val_steps": 0,
-            "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
-            "default_root_dir": spec["root"],
-            "callbacks": [{"class_path": "multimodal.callbacks.EMA", "init_args": {"decay": 0.995}}],
-        },
-        "model": {"init_args": {"backbone": {"init_args": {"tokenizer_ckpt": spec["tokenizer"]}}}},
-    }
-    path = Path(spec["root"]) / "overlay.yaml"
-    path.write_text(yaml.safe_dump(overlay))
-    timer = StepTimer.make(spec["out"])
-    original = lcli.LightningCLI._instantiate_trainer
-
-    def with_timer(self, config, callbacks):  # the timer joins the recipe's callbacks
-        return original(self, config, [*callbacks, timer])
-
-    lcli.LightningCLI._instantiate_trainer = with_timer
-    main(["fit", "--config", spec["config"], "--config", str(path), *spec["args"]])
+    overlay = bench_overlay(spec["warmup"] + spec["steps"], spec["root"], spec["tokenizer"])
+    timed_fit(spec["config"], overlay, spec["root"], spec["out"], spec["args"])
 
 
-def _measure(args: argparse.Namespace, extra: list[str]) -> dict[str, float]:
+def _measure(args: argparse.Namespace, name: str, extra: list[str]) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         spec = {"config": args.config, "tokenizer": args.tokenizer, "steps": args.steps, "warmup": args.warmup,
                 "root": tmp, "out": str(Path(tmp) / "marks.json"), "args": extra}
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
-        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "step", "--worker",
-                               json.dumps(spec)], env=env, capture_output=True, text=True, cwd=ROOT)
-        if proc.returncode != 0:
-            raise SystemExit(f"row {extra} failed:\n{proc.stderr[-3000:]}")
-        marks = json.loads(Path(spec["out"]).read_text())
-    timed = list(zip(marks[:-1], marks[1:]))[args.warmup:]
-    med = statistics.median
-    return {"step": med(b["start"] - a["start"] for a, b in timed),
-            "forward": med(a["forward"] - a["start"] for a, _ in timed),
-            "backward": med(a["backward"] - a["forward"] for a, _ in timed)}
+        return measure_worker("step", spec, env, args.warmup, name)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -112,7 +78,7 @@ def run(args: argparse.Namespace) -> None:
     print("| --- | --- | --- | --- | --- |")
     base = None
     for name, extra in rows:
-        r = _measure(args, extra)
+        r = _measure(args, name, extra)
         base = base or r["step"]
         print(f"| {name} | {r['step']:.3f} | {r['forward']:.3f} | {r['backward']:.3f} | {r['step'] / base:.2f} |",
               flush=True)
