@@ -333,13 +333,13 @@ class GaussianDiffusion(nn.Module):
         guidance: float = 1.0,
         generator: torch.Generator | None = None,
         x_mask: Tensor | None = None,
-        guidance_interval: tuple[float, float] = (0.0, 1.0),
         noise: Tensor | None = None,
         device: torch.device | str | None = None,
         clip_denoised: float | None = None,
         x_start: Tensor | None = None,
         start: float = 1.0,
         denoised_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        guidance_interval: tuple[float, float] = (0.0, 1.0),
         **model_kwargs: Any,
     ) -> Tensor:
         """Draw latents of ``shape`` [B, N, D] -> RAW (unnormalised) latents [B, N, D].

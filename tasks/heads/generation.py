@@ -106,8 +106,8 @@ class GenerationHead(Judged, FixedLengthAudio, Head):
         fast; the full batch would cost as much again as the trunk's step on a CPU).
     judge_decoded: the judges also learn from those items as the frozen tokenizer renders them
         (``tasks.heads.generation_judges``), so they read decoded samples as well as originals;
-        judge_decoded_batch: of the first that many of them only (None: all; decoding costs a CPU step
-        about a third as much as the trunk's forward and backward: ``python scripts/benchmark.py step``).
+        judge_decoded_batch: of the first that many of them only (None: all; the decoded view is about
+        30 % of a one-thread CPU step of the shapes recipe: ``python scripts/benchmark.py step``).
     object_loss_weight / object_loss_sigma: images with scene annotations: in training, the diffusion
         loss of each latent cell weighs ``1 + object_loss_weight * sum_k bump_k(cell)``, a Gaussian bump
         (std ``object_loss_sigma`` cells) on every object's centre (0 = uniform). A small object covers a
